@@ -1,0 +1,270 @@
+"""Model-family adapters: a *description* of each family, consumed by every method.
+
+A family says where the decoder blocks are, the role of every linear inside a block
+(q, k, v, o, gate, up, down — OPT's fc1/fc2 are ``up``/``down``), which op feeds each
+group of linears (the norm before q/k/v, v before o, ...), the attention geometry
+(heads, kv-heads, head_dim, rotary embedding) and the modules outside the blocks.
+The family is picked from ``config.model_type``, never from a path.
+
+Attention internals (post-RoPE queries/keys, values, attention probabilities) are
+reached through a registered transformers attention function (``ptq``), not through
+forked modeling files: a method attaches an :class:`AttentionHook` to a block and the
+function calls it with the tensors the model really computes.
+
+Adding a family (e.g. Gemma) is one ``Family(...)`` entry below.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from aespa.errors import UserError
+
+
+@dataclass(frozen=True)
+class LinearGroup:
+    """Linears that read the same input, and the op that produces that input."""
+
+    roles: tuple[str, ...]
+    feeder: str  # a norm role ("attn_norm", "mlp_norm") or a linear role ("v", "up")
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]
+    blocks: str  # path of the decoder-block ModuleList, from the CausalLM
+    linears: dict[str, str]  # role -> path inside a block
+    norms: dict[str, str]  # "attn_norm" / "mlp_norm" -> path inside a block
+    groups: tuple[LinearGroup, ...]  # in true-sequential order
+    attention: str  # path of the attention module inside a block
+    final_norm: str
+    head: str
+    outside: tuple[str, ...]  # every module outside the blocks the forward pass uses
+    after_norm: tuple[str, ...] = ()  # modules between the final norm and the head (OPT project_out)
+    rotary: bool = False
+    query_prescaled: bool = False  # the query reaches the attention function already multiplied by 1/sqrt(d)
+    mlp: str = "relu"  # "relu" (fc1 -> act -> fc2) or "swiglu" (act(gate) * up -> down)
+
+
+OPT = Family(
+    name="opt",
+    model_types=("opt",),
+    blocks="model.decoder.layers",
+    linears={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.out_proj",
+             "up": "fc1", "down": "fc2"},
+    norms={"attn_norm": "self_attn_layer_norm", "mlp_norm": "final_layer_norm"},
+    groups=(LinearGroup(("q", "k", "v"), "attn_norm"), LinearGroup(("o",), "v"),
+            LinearGroup(("up",), "mlp_norm"), LinearGroup(("down",), "up")),
+    attention="self_attn",
+    final_norm="model.decoder.final_layer_norm",
+    head="lm_head",
+    outside=("model.decoder.embed_tokens", "model.decoder.embed_positions", "model.decoder.project_in",
+             "model.decoder.final_layer_norm", "model.decoder.project_out", "lm_head"),
+    after_norm=("model.decoder.project_out",),
+    query_prescaled=True,
+    mlp="relu",
+)
+
+LLAMA = Family(
+    name="llama",
+    model_types=("llama", "mistral", "qwen2"),
+    blocks="model.layers",
+    linears={"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"},
+    norms={"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"},
+    groups=(LinearGroup(("q", "k", "v"), "attn_norm"), LinearGroup(("o",), "v"),
+            LinearGroup(("gate", "up"), "mlp_norm"), LinearGroup(("down",), "up")),
+    attention="self_attn",
+    final_norm="model.norm",
+    head="lm_head",
+    outside=("model.embed_tokens", "model.rotary_emb", "model.norm", "lm_head"),
+    rotary=True,
+    mlp="swiglu",
+)
+
+FAMILIES = (OPT, LLAMA)
+
+
+def family_of(config) -> Family:
+    model_type = getattr(config, "model_type", None)
+    for fam in FAMILIES:
+        if model_type in fam.model_types:
+            return fam
+    known = sorted(t for f in FAMILIES for t in f.model_types)
+    raise UserError(f"unsupported model_type {model_type!r}; supported: {', '.join(known)}")
+
+
+def get_path(root: nn.Module, path: str):
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def set_path(root: nn.Module, path: str, value: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(get_path(root, parent) if parent else root, name, value)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Attention geometry of a family instance."""
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rotary: bool
+
+    @property
+    def kv_group(self) -> int:
+        """Query heads per key/value head (1 without grouped-query attention)."""
+        return self.num_heads // self.num_kv_heads
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as the LLaMA family applies it (rotate-half convention)."""
+    return x * cos + rotate_half(x) * sin
+
+
+def rotation_matrices(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``R_t`` for every position t, ``[T, d, d]``, with ``apply_rotary(x)_t = R_t x_t``."""
+    cos, sin = cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1])
+    d = cos.shape[-1]
+    eye = torch.eye(d, dtype=cos.dtype, device=cos.device)
+    # columns of R_t are the images of the basis vectors
+    return apply_rotary(eye[None, :, :], cos[:, None, :], sin[:, None, :]).transpose(1, 2)
+
+
+class BlockAdapter:
+    """One decoder block seen through its family description."""
+
+    def __init__(self, module: nn.Module, family: Family, geometry: Geometry, index: int):
+        self.module, self.family, self.geometry, self.index = module, family, geometry, index
+
+    def linear(self, role: str) -> nn.Linear:
+        return get_path(self.module, self.family.linears[role])
+
+    def linears(self) -> dict[str, nn.Linear]:
+        """Every linear of the block, in true-sequential order."""
+        return {r: self.linear(r) for g in self.family.groups for r in g.roles}
+
+    def set_linear(self, role: str, module: nn.Module) -> None:
+        set_path(self.module, self.family.linears[role], module)
+
+    def norm(self, role: str) -> nn.Module:
+        return get_path(self.module, self.family.norms[role])
+
+    @property
+    def groups(self) -> tuple[LinearGroup, ...]:
+        return self.family.groups
+
+    @property
+    def attention(self) -> nn.Module:
+        return get_path(self.module, self.family.attention)
+
+    def set_attention_hook(self, hook: "AttentionHook | None") -> None:
+        attn = self.attention
+        attn._ptq_hook = hook
+        attn._ptq_query_prescale = attn.scaling if self.family.query_prescaled else 1.0
+
+
+class ModelAdapter:
+    """A causal LM seen through its family description."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.family = family_of(model.config)
+        c = model.config
+        heads = c.num_attention_heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+        self.geometry = Geometry(c.hidden_size, heads, getattr(c, "num_key_value_heads", None) or heads,
+                                 head_dim, self.family.rotary)
+        if self.family.name == "opt" and not getattr(c, "do_layer_norm_before", True):
+            raise UserError("OPT models with post-LayerNorm (OPT-350M) are not supported")
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return get_path(self.model, self.family.blocks)
+
+    def block(self, i: int) -> BlockAdapter:
+        return BlockAdapter(self.blocks[i], self.family, self.geometry, i)
+
+    def outside_modules(self) -> list[nn.Module]:
+        return [m for m in (get_path(self.model, p) for p in self.family.outside) if m is not None]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm (+ projection) + LM head applied to the last block's output."""
+        h = get_path(self.model, self.family.final_norm)(hidden)
+        for p in self.family.after_norm:
+            m = get_path(self.model, p)
+            if m is not None:
+                h = m(h)
+        return get_path(self.model, self.family.head)(h)
+
+
+# --------------------------------------------------------------------------- attention access
+
+
+@dataclass
+class AttentionHook:
+    """What a method may do inside attention, per call of one block's attention.
+
+    ``transform(query, key, value)`` may return replaced tensors (e.g. fake-quantized);
+    ``observe(query, key, value, probs)`` receives the query *without* the 1/sqrt(d)
+    factor, post-RoPE queries/keys ``[b, heads|kv_heads, T, d]`` and, when
+    ``needs_probs``, the attention probabilities ``[b, heads, T, T]`` (causal mask applied).
+    """
+
+    transform: object = None
+    observe: object = None
+    needs_probs: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
+    return x if n == 1 else x.repeat_interleave(n, dim=1)
+
+
+def ptq_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Eager attention with access for methods; identical numerics to the eager reference."""
+    hook: AttentionHook | None = getattr(module, "_ptq_hook", None)
+    if scaling is None:
+        scaling = module.scaling
+    if hook is not None and hook.transform is not None:
+        query, key, value = hook.transform(query, key, value)
+    n_rep = query.shape[1] // key.shape[1]
+    k, v = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
+    if hook is None or (hook.observe is None and not hook.needs_probs):
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, k, v, attn_mask=None if attention_mask is None else attention_mask[:, :, :, : k.shape[-2]],
+            scale=scaling, is_causal=attention_mask is None and query.shape[2] > 1)
+        return out.transpose(1, 2).contiguous(), None
+    scores = torch.matmul(query, k.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, : k.shape[-2]]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    if hook.observe is not None:
+        hook.observe(query / getattr(module, "_ptq_query_prescale", 1.0), key, value, probs)
+    out = torch.matmul(probs, v)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_attention() -> str:
+    """Register the ``ptq`` attention function (and its dense causal mask) with transformers."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register("ptq", ptq_attention)
+    AttentionMaskInterface.register("ptq", eager_mask)
+    return "ptq"

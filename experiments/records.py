@@ -1,0 +1,66 @@
+"""Run records: one JSON file per run, written atomically, named by a hash of the
+resolved configuration (so a sweep can skip what already ran)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import tempfile
+
+# keys of the resolved config that do not change a run's result
+NON_SEMANTIC = ("force", "progress", "logger", "results_dir", "cache_dir", "save", "save_dir", "device", "batch_size",
+                "hydra")
+
+
+def run_id(config: dict) -> str:
+    """A stable 12-hex id of the configuration that determines the result."""
+    semantic = {k: v for k, v in config.items() if k not in NON_SEMANTIC}
+    return hashlib.sha256(json.dumps(semantic, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def record_path(results_dir: str, rid: str) -> str:
+    return os.path.join(results_dir, f"{rid}.json")
+
+
+def write_record(path: str, record: dict) -> None:
+    """Write to a temporary file in the same folder, then rename: readers and concurrent
+    writers never see a partial record."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=2, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_records(folder: str) -> list[dict]:
+    out = []
+    for root, _, files in os.walk(folder):
+        for f in sorted(files):
+            if f.endswith(".json") and not f.startswith("."):
+                with open(os.path.join(root, f)) as fh:
+                    out.append(json.load(fh))
+    return out
+
+
+def git_commit(repo: str) -> str | None:
+    try:
+        sha = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=5)
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if sha.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def hostname() -> str:
+    return socket.gethostname()
