@@ -11,7 +11,7 @@ import tempfile
 
 # keys of the resolved config that do not change a run's result
 NON_SEMANTIC = ("force", "progress", "logger", "results_dir", "cache_dir", "save", "save_dir", "device", "batch_size",
-                "hydra")
+                "hydra", "resume", "checkpoint_dir")
 
 
 def run_id(config: dict) -> str:

@@ -23,6 +23,7 @@ from aespa.pipeline import perplexity, quantize_model
 from aespa.quant import check_group_size
 from aespa.registry import QuantSpec, act_quant_methods, get_method
 from experiments import records
+from experiments.resume import BlockCheckpoint
 from experiments.data import CALIBRATION_SETS, TEST_SETS, DataCache, calibration_windows, test_windows
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -156,9 +157,12 @@ def run(cfg, config_dict: dict | None = None) -> dict:
     method = get_method(method_name)(spec, {k: v for k, v in config["method"].items() if k != "name"})
 
     t0 = time.perf_counter()
+    checkpoint = None
     if method_name != "none":
         calibration = calibration_windows(cfg.calib.dataset, tokenizer, cfg.nsamples, seqlen, cfg.seed, cache, paths)
-        result = quantize_model(adapter, method, calibration, device, cfg.batch_size, dtype, progress=cfg.progress)
+        checkpoint = BlockCheckpoint(in_repo(cfg.checkpoint_dir), rid) if cfg.resume else None
+        result = quantize_model(adapter, method, calibration, device, cfg.batch_size, dtype, checkpoint=checkpoint,
+                                progress=cfg.progress)
     else:
         from aespa.pipeline import QuantizeResult
 
@@ -169,6 +173,8 @@ def run(cfg, config_dict: dict | None = None) -> dict:
     ppl = {}
     for ds in cfg.eval.datasets:
         windows = test_windows(ds, tokenizer, seqlen, cache, paths)
+        if cfg.eval.get("max_windows"):
+            windows = windows[: cfg.eval.max_windows]
         ppl[ds] = perplexity(adapter, windows, device, cfg.batch_size, dtype, progress=cfg.progress, desc=f"ppl {ds}")
     zeroshot = {}
     if cfg.eval.get("zeroshot"):
@@ -203,8 +209,10 @@ def run(cfg, config_dict: dict | None = None) -> dict:
 
         record["saved_to"] = save_quantized(model, tokenizer, result, cfg, in_repo(cfg.save_dir or f"results/models/{rid}"))
     records.write_record(path, record)
+    if checkpoint is not None:
+        checkpoint.remove()
     if cfg.logger.name == "wandb":
-        from experiments.logging import log_wandb
+        from experiments.wandb_logger import log_wandb
 
         log_wandb(record, cfg.logger)
     print_summary(record, path)

@@ -53,3 +53,12 @@ def tiny_opt():
 @pytest.fixture(scope="session")
 def tiny_llama():
     return load("tiny-llama")
+
+
+def compose(*overrides: str):
+    """The resolved run config for these command-line overrides (as run.py sees it)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=os.path.join(REPO, "conf"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
