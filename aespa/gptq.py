@@ -171,4 +171,5 @@ def _sweep(weight, hessian, grid, *, bits, sym, group_size, blocksize, percdamp,
     if dynamic_groups:
         grid = Grid(scale, zero, bits, 1) if act_order else \
             Grid(scale[:, ::group_size].contiguous(), zero[:, ::group_size].contiguous(), bits, group_size)
-    return SweepResult(Q, grid, losses, damp_used / mean_diag, updated)
+    relative_damping = damp_used / mean_diag if damp_used != float("inf") else float("inf")
+    return SweepResult(Q, grid, losses, relative_damping, updated)

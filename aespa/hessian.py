@@ -99,7 +99,7 @@ def prepare_hessian(hessian: torch.Tensor, percdamp: float, dead_value: float = 
 
 def _try_inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor | None:
     lower, info = torch.linalg.cholesky_ex(h)
-    if info.any():
+    if info.any() or not torch.isfinite(lower).all():
         return None
     upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
     if info.any() or not torch.isfinite(upper).all():
@@ -115,8 +115,8 @@ def inverse_cholesky_upper(hessian: torch.Tensor, damp: float = 0.0, tries: int 
     ``hessian`` (``[in, in]``, or ``[..., in, in]`` handled matrix by matrix) already
     carries the damping ``damp`` (from ``prepare_hessian``). If a factorisation fails
     (not positive definite in floating point), the damping is raised ×10 and retried, up
-    to ``tries`` attempts in all (base: ``damp``, or 1 % of the mean diagonal when
-    ``damp`` is 0). If every attempt fails (e.g. non-finite statistics) ``U`` is
+    to ``tries`` attempts in all (without damping, the first retry adds 1 % of the mean
+    diagonal). If every attempt fails (e.g. non-finite statistics) ``U`` is
     diagonal, which turns the sweep into round-to-nearest (no error feedback), and the
     damping returned is ``inf``. Never raises for numerical reasons.
 
@@ -132,7 +132,7 @@ def inverse_cholesky_upper(hessian: torch.Tensor, damp: float = 0.0, tries: int 
     if upper is not None:
         return upper, damp
     diag = hessian.diagonal()
-    base = damp if damp > 0 else 0.01 * diag.mean().item()
+    base = damp if damp > 0 else 1e-3 * diag.mean().item()  # without damping the first retry adds 1 %
     eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
     for k in range(1, tries):
         used = base * 10**k
