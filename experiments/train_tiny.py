@@ -98,6 +98,7 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: unaffected by other jobs on the machine)")
     p.add_argument("--out", default=None, help="output folder (default assets/tiny-<arch>)")
     args = p.parse_args(argv)
 
@@ -107,6 +108,7 @@ def main(argv=None):
     tok_dir = os.path.join(ASSETS, "tokenizer")
     tok = AutoTokenizer.from_pretrained(tok_dir) if os.path.exists(os.path.join(tok_dir, "tokenizer.json")) else train_tokenizer(tok_dir)
 
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     train_ids = torch.tensor(tok(wikivital_text("train"))["input_ids"])
     model = build_model(args.arch, tok, args.context)
