@@ -45,12 +45,17 @@ class HessianAccumulator:
         self.hessian += tokens.t() @ tokens
 
 
+class _InputsCollected(Exception):
+    """Raised by the last hook: the rest of the block's forward pass is not needed."""
+
+
 def collect_hessians(ctx, roles: Iterable[str]) -> dict[str, torch.Tensor]:
     """Hessians of the inputs of the linears ``roles`` of the block in ``ctx``, from one
     pass of the block (as it is now) over the quantized-stream inputs ``ctx.inputs``.
 
     Linears of one adapter group read the same input, so each group's statistic is
     accumulated once; every role still gets its own tensor (safe to modify in place).
+    The pass stops once the last needed input is seen (groups are in forward order).
     """
     roles = list(roles)
     source: dict[str, str] = {}  # role -> the role whose input is hooked
@@ -61,14 +66,27 @@ def collect_hessians(ctx, roles: Iterable[str]) -> dict[str, torch.Tensor]:
     missing = [r for r in roles if r not in source]
     if missing:
         raise ValueError(f"roles {missing} are not linears of this block; known: {list(ctx.block.linears())}")
-    accumulators = {r: HessianAccumulator() for r in dict.fromkeys(source[r] for r in roles)}
+    hooked = [r for g in ctx.block.groups for r in g.roles if r in set(source.values())]
+    accumulators = {r: HessianAccumulator() for r in hooked}
 
-    def hook(accumulator):
-        return lambda module, inputs, output: accumulator.add(inputs[0])
+    def hook(accumulator, last):
+        def record(module, inputs, output):
+            accumulator.add(inputs[0])
+            if last:
+                raise _InputsCollected
 
-    handles = [ctx.block.linear(r).register_forward_hook(hook(acc)) for r, acc in accumulators.items()]
+        return record
+
+    handles = [ctx.block.linear(r).register_forward_hook(hook(acc, r == hooked[-1]))
+               for r, acc in accumulators.items()]
+    kwargs = ctx.call_kwargs()
     try:
-        ctx.run()
+        with torch.no_grad():
+            for i in range(0, ctx.inputs.shape[0], ctx.batch_size):
+                try:
+                    ctx.block.module(ctx.inputs[i:i + ctx.batch_size].to(device=ctx.device, dtype=ctx.dtype), **kwargs)
+                except _InputsCollected:
+                    pass
     finally:
         for h in handles:
             h.remove()
