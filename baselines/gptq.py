@@ -23,6 +23,9 @@ Deviations from the reference, stated:
 - Hessians are accumulated over mini-batches of ``batch_size`` sequences instead of one
   sequence at a time (the same running mean up to float rounding), and once per group of
   linears that share an input instead of once per linear (identical values).
+- The block is quantized in fp32 (the pipeline's compute dtype) where the reference runs
+  it in fp16; the sweep is fp32 in both (TF32 stays off: PyTorch's default, the reference
+  sets it explicitly).
 - If the Cholesky factorisation fails, the damping is raised ×10 (up to 3 times) instead
   of crashing, and the block's record gets a note; the reference raises.
 """
