@@ -113,13 +113,31 @@ def round_to_nearest(w: torch.Tensor, bits: int, sym: bool = False, group_size: 
     return minmax_grid(w, bits, sym, group_size).fake_quantize(w.float()).to(w.dtype)
 
 
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """``torch.round`` in the forward pass (bit-identical), identity gradient in the backward
+    pass: the straight-through estimator of methods that train through a quantizer."""
+    return _RoundSTE.apply(x)
+
+
 def quantize_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Per-token dynamic asymmetric min-max fake quantization over the last dimension
-    (OmniQuant/QLLM activation quantizer: raw min/max, scale clamped to >= 1e-5)."""
+    (OmniQuant/QLLM activation quantizer: raw min/max, scale clamped to >= 1e-5).
+    Differentiable as in those codes: straight-through rounding of ``x / scale``, the
+    zero point rounded plainly (no gradient through it)."""
     maxq = 2**bits - 1
     lo = x.amin(dim=-1, keepdim=True)
     hi = x.amax(dim=-1, keepdim=True)
     scale = ((hi - lo) / maxq).clamp(min=1e-5, max=1e4)
     zero = torch.round(-lo / scale).clamp(-1e4, 1e4)
-    q = torch.clamp(torch.round(x / scale) + zero, 0, maxq)
+    q = torch.clamp(round_ste(x / scale) + zero, 0, maxq)
     return (q - zero) * scale

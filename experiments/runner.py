@@ -147,6 +147,10 @@ def run(cfg, config_dict: dict | None = None) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     model, tokenizer = load_model(cfg.model.path, dtype)
     adapter = ModelAdapter(model)
+    if cfg.model.get("outliers"):  # the outlier variant of a model (experiments/outliers.py)
+        from experiments.outliers import plant_outliers
+
+        plant_outliers(adapter, **cfg.model.outliers)
     seqlen = cfg.seqlen or cfg.model.seqlen
     validate_model(adapter, cfg, seqlen)
     cache = DataCache(in_repo(cfg.cache_dir))
