@@ -47,6 +47,9 @@ class Family:
     rotary: bool = False
     query_prescaled: bool = False  # the query reaches the attention function already multiplied by 1/sqrt(d)
     mlp: str = "relu"  # "relu" (fc1 -> act -> fc2) or "swiglu" (act(gate) * up -> down)
+    # Z-Fold: linears whose input channels take a factor zeta that folds into the op feeding
+    # them (one zeta per tuple, shared); the lists of the aespa reference code
+    zfold: tuple[tuple[str, ...], ...] = ()
 
 
 OPT = Family(
@@ -66,6 +69,7 @@ OPT = Family(
     after_norm=("model.decoder.project_out",),
     query_prescaled=True,
     mlp="relu",
+    zfold=(("q", "k", "v"), ("o",), ("up",), ("down",)),
 )
 
 LLAMA = Family(
@@ -83,6 +87,7 @@ LLAMA = Family(
     outside=("model.embed_tokens", "model.rotary_emb", "model.norm", "lm_head"),
     rotary=True,
     mlp="swiglu",
+    zfold=(("q", "k", "v"), ("o",), ("down",)),
 )
 
 FAMILIES = (OPT, LLAMA)
@@ -168,6 +173,13 @@ class BlockAdapter:
     @property
     def groups(self) -> tuple[LinearGroup, ...]:
         return self.family.groups
+
+    def zfold_groups(self) -> tuple[tuple[str, ...], ...]:
+        """The family's Z-Fold groups that fold in this instance: a factor on o's input folds
+        into the rows of v, which grouped-query attention shares between heads, so o is left
+        out there (the reference code's rule)."""
+        feeder = {r: g.feeder for g in self.groups for r in g.roles}
+        return tuple(z for z in self.family.zfold if not (self.geometry.kv_group > 1 and feeder[z[0]] == "v"))
 
     @property
     def attention(self) -> nn.Module:
