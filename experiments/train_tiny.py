@@ -155,7 +155,36 @@ def main(argv=None):
     }
     with open(os.path.join(out, "training.json"), "w") as f:
         json.dump(card, f, indent=2)
+    write_model_card(out, card, saved.config)
     print(json.dumps(card, indent=2))
+
+
+def write_model_card(folder: str, card: dict, config) -> None:
+    """A short README.md: architecture, recipe, measured full-precision perplexity."""
+    arch = ("OPT (pre-LayerNorm, ReLU MLP, learned positions)" if card["arch"] == "opt" else
+            "LLaMA (RoPE, RMSNorm, SwiGLU, grouped-query attention)")
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", heads)
+    mlp = getattr(config, "ffn_dim", None) or getattr(config, "intermediate_size", None)
+    text = f"""# {os.path.basename(folder)}
+
+An embedded default model of this repo: a small causal LM trained on the `wikivital` corpus
+(English Wikipedia article summaries, train split) by `python -m experiments.train_tiny --arch {card['arch']}`.
+Not a real LLM: it exists so every method, test and benchmark runs on a CPU in minutes.
+
+- Architecture: {arch}; {config.num_hidden_layers} blocks, hidden {config.hidden_size}, {heads} heads
+  ({kv} key/value heads), MLP {mlp}, vocabulary {config.vocab_size}, context {config.max_position_embeddings};
+  {card['parameters'] / 1e6:.2f} M parameters (embeddings tied to the LM head); weights stored in fp16.
+- Tokenizer: byte-level BPE, 8192 tokens, trained on the wikivital train split; BOS prepended.
+- Training: {card['steps']} steps x batch {card['batch']} x {card['seqlen']} tokens = {card['tokens_seen'] / 1e6:.2f} M tokens
+  (random windows of the tokenized train split), {card['optimizer']}, peak lr {card['lr']},
+  {card['schedule']} ({card['warmup']} warm-up steps), {card['precision']}, seed {card['seed']}.
+- Wall time: {card['wall_time_s'] / 60:.1f} min on {card['machine']} (torch {card['torch']}), on a shared 2-core machine.
+- Full-precision perplexity (wikivital, non-overlapping 512-token windows): validation {card['ppl_validation']},
+  test {card['ppl_test']}.
+"""
+    with open(os.path.join(folder, "README.md"), "w") as f:
+        f.write(text)
 
 
 if __name__ == "__main__":
