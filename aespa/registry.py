@@ -73,7 +73,14 @@ class FullPrecision(Method):
         pass
 
 
+_discovered = False
+
+
 def _discover() -> None:
+    """Import every method module once (importing one directly must not stop the others)."""
+    global _discovered
+    if _discovered:
+        return
     import baselines
 
     for mod in pkgutil.iter_modules(baselines.__path__):
@@ -83,17 +90,16 @@ def _discover() -> None:
     except ModuleNotFoundError as e:
         if e.name != "aespa.method":
             raise
+    _discovered = True
 
 
 def get_method(name: str) -> type:
-    if len(METHODS) <= 1:
-        _discover()
+    _discover()
     if name not in METHODS:
         raise UserError(f"unknown method {name!r}; allowed: {', '.join(sorted(METHODS))}")
     return METHODS[name]
 
 
 def act_quant_methods() -> list[str]:
-    if len(METHODS) <= 1:
-        _discover()
+    _discover()
     return sorted(n for n, c in METHODS.items() if c.supports_act_quant)

@@ -148,8 +148,7 @@ def collect_block_statistics(ctx, *, value: bool = True, query_key: bool = True)
             h.remove()
         block.set_attention_hook(None)
 
-    stats = BlockStatistics({role: 2 * inputs[source[role]].mean for role in source}, tokens=inputs["q"].tokens
-                            if "q" in inputs else next(iter(inputs.values())).tokens)
+    stats = BlockStatistics({role: 2 * inputs[source[role]].mean for role in source}, tokens=inputs[source["q"]].tokens)
     if value:
         stats.value_hessian = 2 * value_moment.mean
     if query_key:
@@ -163,9 +162,28 @@ def collect_block_statistics(ctx, *, value: bool = True, query_key: bool = True)
     return stats
 
 
+class _QuadraticForm(torch.autograd.Function):
+    """``Σ d ⊙ (G d H)`` for symmetric G, H, with the closed-form gradient ``2 G d H``: one
+    large matrix product per evaluation instead of autograd's three."""
+
+    @staticmethod
+    def forward(ctx, delta, hessian, head_covariance):
+        weighted = delta @ hessian
+        if head_covariance is not None:
+            weighted = head_covariance @ weighted
+        ctx.save_for_backward(weighted)
+        return (delta * weighted).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weighted,) = ctx.saved_tensors
+        return 2 * grad * weighted, None, None
+
+
 @dataclass
 class QuadraticObjective:
-    """The loss a weight perturbation ΔW ``[out, in]`` causes, a quadratic form.
+    """The loss a weight perturbation ΔW ``[out, in]`` causes, a quadratic form (symmetric
+    ``hessian`` and ``head_covariance``).
 
     - ``head_covariance`` None, ``hessian`` ``[in, in]``: the layer-wise ``tr(ΔW H ΔWᵀ)``;
     - ``hessian`` ``[heads, in, in]``: ``Σ_h tr(ΔW_h H_h ΔW_hᵀ)``, rows split in ``heads``
@@ -178,10 +196,6 @@ class QuadraticObjective:
     head_covariance: torch.Tensor | None = None
 
     def __call__(self, delta: torch.Tensor) -> torch.Tensor:
-        if self.head_covariance is not None:
-            d = delta.reshape(self.head_covariance.shape[0], -1, delta.shape[-1])
-            return (self.head_covariance * (d @ self.hessian @ d.transpose(-1, -2))).sum()
-        if self.hessian.dim() == 3:
-            d = delta.reshape(self.hessian.shape[0], -1, delta.shape[-1])
-            return ((d @ self.hessian) * d).sum()
-        return ((delta @ self.hessian) * delta).sum()
+        heads = self.head_covariance.shape[0] if self.head_covariance is not None else \
+            self.hessian.shape[0] if self.hessian.dim() == 3 else 1
+        return _QuadraticForm.apply(delta.reshape(heads, -1, delta.shape[-1]), self.hessian, self.head_covariance)

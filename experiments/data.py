@@ -28,6 +28,7 @@ import importlib.util
 import json
 import os
 import random
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -172,16 +173,24 @@ class DataCache:
             return
         os.makedirs(self.root, exist_ok=True)
         path = os.path.join(self.root, key + ".safetensors")
-        tmp = f"{path}.{os.getpid()}.tmp"
-        save_file({"ids": ids.contiguous()}, tmp)
-        os.replace(tmp, path)  # atomic: concurrent jobs never see a partial file
+        # a unique temporary name (jobs on two nodes of a shared disk can have the same PID), then an
+        # atomic rename: concurrent jobs never see a partial file nor write into each other's
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".safetensors")
+        os.close(fd)
+        try:
+            save_file({"ids": ids.contiguous()}, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
 
 def _tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(tokenizer(text, return_attention_mask=False)["input_ids"], dtype=torch.long)
 
 
-def test_windows(name: str, tokenizer, seqlen: int, cache: DataCache | None = None, paths: dict | None = None) -> torch.Tensor:
+def evaluation_windows(name: str, tokenizer, seqlen: int, cache: DataCache | None = None, paths: dict | None = None) -> torch.Tensor:
     """Test set ``name`` as non-overlapping windows, shape ``[n_windows, seqlen]``."""
     if name not in TEST_SETS:
         raise UserError(f"unknown dataset {name!r}; allowed: {', '.join(TEST_SETS)}")

@@ -24,7 +24,7 @@ from aespa.quant import check_group_size
 from aespa.registry import QuantSpec, act_quant_methods, get_method
 from experiments import records
 from experiments.resume import BlockCheckpoint
-from experiments.data import CALIBRATION_SETS, TEST_SETS, DataCache, calibration_windows, test_windows
+from experiments.data import CALIBRATION_SETS, TEST_SETS, DataCache, calibration_windows, evaluation_windows
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
@@ -176,7 +176,7 @@ def run(cfg, config_dict: dict | None = None) -> dict:
     t1 = time.perf_counter()
     ppl = {}
     for ds in cfg.eval.datasets:
-        windows = test_windows(ds, tokenizer, seqlen, cache, paths)
+        windows = evaluation_windows(ds, tokenizer, seqlen, cache, paths)
         if cfg.eval.get("max_windows"):
             windows = windows[: cfg.eval.max_windows]
         ppl[ds] = perplexity(adapter, windows, device, cfg.batch_size, dtype, progress=cfg.progress, desc=f"ppl {ds}")

@@ -108,11 +108,11 @@ def input_channel_ratio(adapter, ids) -> float:
 
 @pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama"])
 def test_outlier_variant_same_function_with_llm_like_outliers(name, tokenizer):
-    from experiments.data import test_windows
+    from experiments.data import evaluation_windows
 
     model, _ = load(name)
     adapter = ModelAdapter(model)
-    ids = test_windows("wikivital", tokenizer, 128)[:4]
+    ids = evaluation_windows("wikivital", tokenizer, 128)[:4]
     with torch.no_grad():
         logits = model(ids).logits
     plain_ratio = input_channel_ratio(adapter, ids)

@@ -38,7 +38,7 @@ def test_calibration_windows_are_seeded(tokenizer):
 
 
 def test_test_windows_are_non_overlapping_cuts_of_one_stream(tokenizer):
-    w = data.test_windows("wikivital", tokenizer, 128)
+    w = data.evaluation_windows("wikivital", tokenizer, 128)
     ids = torch.tensor(tokenizer(data.wikivital_text("test"))["input_ids"])
     assert w.shape == (ids.numel() // 128, 128)
     assert torch.equal(w.flatten(), ids[: w.numel()])
@@ -58,6 +58,6 @@ def test_cache_key_depends_on_seed_and_tokenizer_and_round_trips(tokenizer, tmp_
 
 def test_unknown_dataset_and_bad_nsamples(tokenizer):
     with pytest.raises(UserError, match="allowed: wikitext2"):
-        data.test_windows("wiki103", tokenizer, 64)
+        data.evaluation_windows("wiki103", tokenizer, 64)
     with pytest.raises(UserError, match="nsamples must be positive"):
         data.calibration_windows("wikivital", tokenizer, 0, 64, 0)

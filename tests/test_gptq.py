@@ -253,11 +253,11 @@ def _quantized_ppl(model, name, bits, calibration, windows, **options):
 def test_gptq_quality_on_embedded_models(name, request):
     if not os.path.exists(os.path.join(ASSETS, name, "config.json")):
         pytest.skip(f"assets/{name} is not trained yet (run experiments/train_tiny.py)")
-    from experiments.data import calibration_windows, test_windows
+    from experiments.data import calibration_windows, evaluation_windows
 
     model, tokenizer = request.getfixturevalue(name.replace("-", "_"))
     calibration = calibration_windows("wikivital", tokenizer, 32, 512, seed=0)
-    windows = test_windows("wikivital", tokenizer, 512)[:16]
+    windows = evaluation_windows("wikivital", tokenizer, 512)[:16]
     full = perplexity(ModelAdapter(model), windows, "cpu", progress=False)
     w4 = _quantized_ppl(model, "gptq", 4, calibration, windows)
     w3 = _quantized_ppl(model, "gptq", 3, calibration, windows)

@@ -7,7 +7,7 @@ import torch
 
 from aespa.adapters import ModelAdapter
 from aespa.pipeline import perplexity
-from experiments.data import test_windows
+from experiments.data import evaluation_windows
 from tests.conftest import ASSETS
 
 pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(ASSETS, "tiny-llama", "training.json")),
@@ -38,7 +38,7 @@ def test_test_perplexity_matches_card_and_beats_untrained(name, fixture, request
     from experiments.train_tiny import build_model
 
     model, tok = request.getfixturevalue(fixture)
-    windows = test_windows("wikivital", tok, 512)
+    windows = evaluation_windows("wikivital", tok, 512)
     ppl = perplexity(ModelAdapter(model), windows, "cpu", progress=False)
     assert ppl == pytest.approx(card(name)["ppl_test"], rel=0.02)
     assert ppl <= 100

@@ -169,7 +169,7 @@ def test_non_finite_loss_stops_the_block_with_a_note():
 
 
 def quantized_ppl(name, method, spec, options=None, outliers=False, nsamples=8, seqlen=128, windows=24):
-    from experiments.data import calibration_windows, test_windows
+    from experiments.data import calibration_windows, evaluation_windows
 
     model, tokenizer = load(name)
     adapter = ModelAdapter(model)
@@ -178,7 +178,7 @@ def quantized_ppl(name, method, spec, options=None, outliers=False, nsamples=8, 
     torch.manual_seed(0)
     calibration = calibration_windows("wikivital", tokenizer, nsamples, seqlen, seed=0)
     quantize_model(adapter, get_method(method)(spec, options or {}), calibration, "cpu", progress=False)
-    return perplexity(adapter, test_windows("wikivital", tokenizer, seqlen)[:windows], "cpu", progress=False)
+    return perplexity(adapter, evaluation_windows("wikivital", tokenizer, seqlen)[:windows], "cpu", progress=False)
 
 
 def test_weight_only_w2_omniquant_beats_rtn_on_tiny_opt():

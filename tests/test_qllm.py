@@ -111,6 +111,12 @@ def test_assembly_merges_the_nearest_pairs_and_never_a_split_channel():
         partner_slot = ra.slot[ra.source == a]
         partner = ra.source[: ra.width][partner_slot].item()
         assert partner == 2 * masked[a // 2].argmin().item() + 1
+    # a merged channel carries the mean of its group, its weight column is the group's sum
+    for s in set(ra.slot[ra.width :].tolist()):
+        group = ra.source[ra.slot == s]
+        assert len(group) >= 2
+        assert torch.allclose(ra.activation(x)[:, s], x[:, group].mean(dim=1), atol=1e-6)
+        assert torch.allclose(ra.weight(w)[:, s], w[:, group].sum(dim=1), atol=1e-6)
 
 
 # --------------------------------------------------------------------------- the adaptive threshold
@@ -300,7 +306,7 @@ def test_paper_defaults():
 
 
 def quantized_ppl(method, spec, options=None, nsamples=8, seqlen=128, windows=24):
-    from experiments.data import calibration_windows, test_windows
+    from experiments.data import calibration_windows, evaluation_windows
 
     model, tokenizer = load("tiny-llama")
     adapter = ModelAdapter(model)
@@ -308,7 +314,7 @@ def quantized_ppl(method, spec, options=None, nsamples=8, seqlen=128, windows=24
     torch.manual_seed(0)
     calibration = calibration_windows("wikivital", tokenizer, nsamples, seqlen, seed=0)
     quantize_model(adapter, get_method(method)(spec, options or {}), calibration, "cpu", progress=False)
-    return perplexity(adapter, test_windows("wikivital", tokenizer, seqlen)[:windows], "cpu", progress=False)
+    return perplexity(adapter, evaluation_windows("wikivital", tokenizer, seqlen)[:windows], "cpu", progress=False)
 
 
 def test_w4a4_on_tiny_llama_outlier_qllm_beats_rtn():
