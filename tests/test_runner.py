@@ -105,7 +105,8 @@ def test_existing_record_is_skipped(tmp_path, capsys):
 def test_bad_input_is_one_clear_error_and_no_record(override, message, tmp_path):
     if override == "device=cuda" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    cfg = compose("method=rtn", f"results_dir={tmp_path}", override, *FAST)
+    method = "method=gptq" if override.startswith("act_bits=4") else "method=rtn"
+    cfg = compose(method, f"results_dir={tmp_path}", *FAST, override)
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(".", r"\.")):
         run(cfg)
     assert not list(tmp_path.iterdir())
