@@ -16,6 +16,8 @@ from omegaconf import DictConfig
 from aespa.errors import UserError
 
 CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
+# hydra/launcher=slurm is a Hydra plugin (experiments/cluster/hydra_plugins/sized_slurm_launcher.py)
+sys.path.insert(1, os.path.join(os.path.dirname(CONF), "experiments", "cluster"))
 GROUPS = ("model", "method", "calib", "eval", "logger", "experiment")
 
 

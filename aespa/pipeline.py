@@ -181,10 +181,11 @@ def quantize_model(adapter: ModelAdapter, method, calibration: torch.Tensor, dev
     result = QuantizeResult()
     method.prepare(adapter, calibration)
     start = 0
-    state = checkpoint.load(adapter, method) if checkpoint is not None else None
+    state = checkpoint.load(adapter, method, device) if checkpoint is not None else None
     if state is not None:
         start, q_in, fp_in, kwargs, result = state["next_block"], state["q_in"], state["fp_in"], state["kwargs"], state["result"]
-        print(f"resuming at block {start} of {len(adapter.blocks)}")
+        print(f"resuming at block {start} of {len(adapter.blocks)}", flush=True)
+        result.notes.append(f"resumed at block {start} of {len(adapter.blocks)}")
     else:
         with torch.no_grad():
             q_in, kwargs = capture_inputs(adapter, calibration, device, batch_size, store_device=device)

@@ -9,14 +9,24 @@ import socket
 import subprocess
 import tempfile
 
-# keys of the resolved config that do not change a run's result
+# keys of the resolved config that do not change a run's result ("experiment": the paper-table
+# bookkeeping of conf/experiment/*.yaml, whose effect is in the top-level keys it sets)
 NON_SEMANTIC = ("force", "progress", "logger", "results_dir", "cache_dir", "save", "save_dir", "device", "batch_size",
-                "hydra", "resume", "checkpoint_dir")
+                "hydra", "resume", "checkpoint_dir", "experiment")
+# keys that only matter when something is quantized: a full-precision run is the same run whatever they are
+QUANTIZATION_ONLY = ("method", "bits", "group_size", "sym", "act_bits", "nsamples", "seed", "calib")
+
+
+def is_quantized(config: dict) -> bool:
+    """The runner's rule: bits=16 and act_bits=16 (or method none) is the full-precision model."""
+    method = (config.get("method") or {}).get("name", "none")
+    return method != "none" and (config.get("bits", 16) < 16 or config.get("act_bits", 16) < 16)
 
 
 def run_id(config: dict) -> str:
     """A stable 12-hex id of the configuration that determines the result."""
-    semantic = {k: v for k, v in config.items() if k not in NON_SEMANTIC}
+    ignored = NON_SEMANTIC + (() if is_quantized(config) else QUANTIZATION_ONLY)
+    semantic = {k: v for k, v in config.items() if k not in ignored}
     return hashlib.sha256(json.dumps(semantic, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

@@ -1,31 +1,47 @@
 """Block-level checkpoints, so a killed or preempted run resumes where it stopped.
 
 After each block the pipeline hands its state to :class:`BlockCheckpoint`, which
-writes, atomically, under a folder named by the run id (a hash of the resolved
-config, so state is never applied to another configuration):
+writes, under a folder named by the run id (a hash of the resolved config, so state
+is never applied to another configuration):
 
-- the parameters and buffers of every block quantized so far,
-- both input streams (quantized, and full precision when the method uses it:
-  recomputing the full-precision stream from a quantized model would be wrong),
-- the block keyword arguments, the grids, phase timings and notes so far,
-- the RNG states (torch, numpy, random) and the method's own state, if it has one.
+- ``block-<i>.pt``: the parameters and buffers of block ``i``, written once, when the
+  block is quantized (so the I/O per block stays constant, not quadratic in depth), and
+  the bit width of its activation quantizers (``aespa.actquant``: modules and an
+  attention hook, not tensors, so they are re-installed on load, not loaded; a method
+  that changes a block's structure otherwise restores it in ``resume_block(block)``),
+- ``state.pt``: both input streams of the next block (quantized, and full precision
+  when the method uses it: recomputing the full-precision stream from a quantized
+  model would be wrong), the block keyword arguments, the grids, phase timings and
+  notes so far, the RNG states (torch CPU and CUDA, numpy, random) and the method's
+  own state, if it has one,
+- ``progress.json``: ``{"run_id", "next_block", "n_blocks"}``, for people and scripts
+  watching a run.
 
-A rerun of the same configuration restores all of it and continues at the next block;
-on CPU the final result is bit-identical to an uninterrupted run. The checkpoint is
-removed once the run's record is written. Files load with ``weights_only=True``.
+Every file is written to a unique temporary file in the same folder, flushed to disk
+and renamed over the old one, so a process killed at any moment (SIGKILL, preemption,
+node failure) leaves the previous complete state; ``state.pt`` is renamed last, so it
+never names a block whose file is missing. A rerun of the same configuration restores
+all of it and continues at the next block; on CPU the final result is bit-identical
+to an uninterrupted run. The checkpoint is removed once the run's record is written.
+Files load with ``weights_only=True``.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
+import sys
+import tempfile
 
 import numpy as np
 import torch
 
+from aespa.actquant import QuantInputLinear, install_activation_quantizers
 from aespa.quant import Grid
 
 STATE = "state.pt"
+PROGRESS = "progress.json"
 
 
 def _grid_to_dict(g: Grid) -> dict:
@@ -39,6 +55,25 @@ def _grid_from_dict(d: dict) -> Grid:
     return Grid(d["scale"], d["zero"], d["bits"], d["group_size"], d.get("col_scale"))
 
 
+def atomic_write(path: str, write) -> None:
+    """``write(file)`` into a unique temporary file next to ``path``, fsync, rename over
+    ``path``. Unique names (not a PID: jobs on different nodes of a shared file system
+    can have the same one) so concurrent writers never share a temporary file."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 class BlockCheckpoint:
     def __init__(self, root: str, run_id: str):
         self.folder = os.path.join(root, run_id)
@@ -48,67 +83,99 @@ class BlockCheckpoint:
     def path(self) -> str:
         return os.path.join(self.folder, STATE)
 
-    def save(self, adapter, method, state: dict) -> None:
-        from aespa.pipeline import QuantizeResult  # noqa: F401  (documented type of state["result"])
+    def block_path(self, i: int) -> str:
+        return os.path.join(self.folder, f"block-{i:04d}.pt")
 
+    def progress(self) -> dict | None:
+        """The last completed state as ``{"run_id", "next_block", "n_blocks"}``, or None."""
+        try:
+            with open(os.path.join(self.folder, PROGRESS)) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def save(self, adapter, method, state: dict) -> None:
         n = state["next_block"]
         result = state["result"]
+        for i in range(n):  # normally only block n-1; earlier ones if their file is missing
+            if i == n - 1 or not os.path.exists(self.block_path(i)):
+                block = {"weights": {k: v.detach().cpu() for k, v in adapter.blocks[i].state_dict().items()},
+                         "act_bits": _activation_bits(adapter.block(i))}
+                atomic_write(self.block_path(i), lambda f, b=block: torch.save(b, f))
+        rng = {"torch": torch.get_rng_state(), "numpy": _np_state(), "random": _py_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
         payload = {
             "run_id": self.run_id,
             "next_block": n,
-            "blocks": [{k: v.detach().cpu() for k, v in adapter.blocks[i].state_dict().items()} for i in range(n)],
             "q_in": state["q_in"].cpu(),
             "fp_in": None if state["fp_in"] is None else state["fp_in"].cpu(),
-            "kwargs": _cpu(state["kwargs"]),
+            "kwargs": _to_device(state["kwargs"], "cpu"),
             "phases": dict(result.phases),
             "grids": {k: _grid_to_dict(g) for k, g in result.grids.items()},
             "notes": list(result.notes),
-            "rng": {"torch": torch.get_rng_state(), "numpy": _np_state(), "random": _py_state()},
+            "rng": rng,
             "method": method.state_dict() if hasattr(method, "state_dict") else {},
         }
-        os.makedirs(self.folder, exist_ok=True)
-        tmp = f"{self.path}.{os.getpid()}.tmp"
-        torch.save(payload, tmp)
-        os.replace(tmp, self.path)
+        atomic_write(self.path, lambda f: torch.save(payload, f))
+        progress = {"run_id": self.run_id, "next_block": n, "n_blocks": len(adapter.blocks)}
+        atomic_write(os.path.join(self.folder, PROGRESS), lambda f: f.write(json.dumps(progress).encode()))
 
-    def load(self, adapter, method):
+    def load(self, adapter, method, device=None):
+        """Restore the saved state into ``adapter``/``method`` and the RNGs; returns the
+        pipeline state (streams and kwargs on ``device``), or None when there is none."""
         from aespa.pipeline import QuantizeResult
 
         if not os.path.exists(self.path):
             return None
         try:
             payload = torch.load(self.path, weights_only=True)
-        except Exception:
-            return None  # unreadable (torn) state: start over
+            blocks = [torch.load(self.block_path(i), weights_only=True) for i in range(payload["next_block"])]
+        except Exception as e:  # cannot happen with atomic writes, unless files were edited or lost
+            print(f"warning: cannot read the checkpoint in {self.folder} ({type(e).__name__}: {e}); starting over",
+                  file=sys.stderr)
+            return None
         if payload.get("run_id") != self.run_id:
             return None
-        device = adapter.model.device
-        for i, sd in enumerate(payload["blocks"]):
+        device = torch.device(device) if device is not None else adapter.model.device
+        for i, saved in enumerate(blocks):
             block = adapter.block(i)
-            if hasattr(method, "resume_block"):
+            if hasattr(method, "resume_block"):  # a method that changes the block's structure restores it
                 method.resume_block(block)
-            block.module.load_state_dict(sd)
+            elif saved["act_bits"] is not None:
+                install_activation_quantizers(block, saved["act_bits"])
+            block.module.load_state_dict(saved["weights"])
         if hasattr(method, "load_state_dict") and payload["method"]:
             method.load_state_dict(payload["method"])
-        torch.set_rng_state(payload["rng"]["torch"])
-        np.random.set_state(_np_restore(payload["rng"]["numpy"]))
-        random.setstate(_py_restore(payload["rng"]["random"]))
+        rng = payload["rng"]
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        np.random.set_state(_np_restore(rng["numpy"]))
+        random.setstate(_py_restore(rng["random"]))
         result = QuantizeResult(dict(payload["phases"]), {k: _grid_from_dict(g) for k, g in payload["grids"].items()},
                                 list(payload["notes"]))
-        return {"next_block": payload["next_block"], "q_in": payload["q_in"].to(device), "kwargs": payload["kwargs"],
+        return {"next_block": payload["next_block"], "q_in": payload["q_in"].to(device),
+                "kwargs": _to_device(payload["kwargs"], device),
                 "fp_in": None if payload["fp_in"] is None else payload["fp_in"].to(device), "result": result}
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def _cpu(obj):
+def _activation_bits(block) -> int | None:
+    """The bit width of the block's activation quantizers, None when it has none."""
+    bits = {lin.act_bits for lin in block.linears().values() if isinstance(lin, QuantInputLinear)}
+    return bits.pop() if len(bits) == 1 and None not in bits else None
+
+
+def _to_device(obj, device):
     if torch.is_tensor(obj):
-        return obj.cpu()
+        return obj.to(device)
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_cpu(o) for o in obj)
+        return type(obj)(_to_device(o, device) for o in obj)
     if isinstance(obj, dict):
-        return {k: _cpu(v) for k, v in obj.items()}
+        return {k: _to_device(v, device) for k, v in obj.items()}
     return obj
 
 
