@@ -249,8 +249,17 @@ def _quantized_ppl(model, name, bits, calibration, windows, **options):
     return perplexity(adapter, windows, "cpu", progress=False)
 
 
+@pytest.fixture
+def one_thread():
+    """The sweep is thousands of small ops: on a shared CPU, intra-op threads only add waiting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama"])
-def test_gptq_quality_on_embedded_models(name, request):
+def test_gptq_quality_on_embedded_models(name, request, one_thread):
     if not os.path.exists(os.path.join(ASSETS, name, "config.json")):
         pytest.skip(f"assets/{name} is not trained yet (run experiments/train_tiny.py)")
     from experiments.data import calibration_windows, evaluation_windows
