@@ -188,6 +188,7 @@ class QLLM(Method):
         return min((index // self.blocks_per_chunk + 1) * self.blocks_per_chunk, len(self.adapter.blocks))
 
     def quantize_chunk(self, ctx) -> None:
+        """Steps 1–5 for the chunk starting at ``ctx.block``; the results wait in ``pending``."""
         blocks = [ctx.block] + [self.copy_block(j, ctx.device) for j in range(ctx.index + 1, self.chunk_end(ctx.index))]
         finished = {b.index: FinishedBlock(b) for b in blocks}
         kwargs = ctx.call_kwargs()
