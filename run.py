@@ -16,8 +16,9 @@ from omegaconf import DictConfig
 from aespa.errors import UserError
 
 CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
-# hydra/launcher=slurm is a Hydra plugin (experiments/cluster/hydra_plugins/sized_slurm_launcher.py)
+# hydra/launcher=slurm is a Hydra plugin; importing it registers the resolvers of conf/hydra/launcher/
 sys.path.insert(1, os.path.join(os.path.dirname(CONF), "experiments", "cluster"))
+import hydra_plugins.sized_slurm_launcher  # noqa: E402,F401
 GROUPS = ("model", "method", "calib", "eval", "logger", "experiment")
 
 

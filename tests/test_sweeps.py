@@ -167,6 +167,16 @@ def test_slurm_resources_grow_with_the_model():
     assert local["_target_"].endswith("LocalLauncher") and joblib["n_jobs"] == 2
 
 
+@needs_tiny_opt
+@pytest.mark.parametrize("launcher", ["local", "joblib"])
+def test_local_launchers_run_a_sweep(launcher, tmp_path):
+    out = _run_cli("-m", f"hydra/launcher={launcher}", "model=tiny-opt", "method=none", "eval.max_windows=2,4",
+                   "progress=false", f"results_dir={tmp_path / 'runs'}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    recs = _records(tmp_path / "runs")
+    assert sorted(r["config"]["eval"]["max_windows"] for r in recs) == [2, 4]
+
+
 # ----------------------------------------------------------------------------- concurrency
 
 
@@ -266,11 +276,13 @@ def _records(folder: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def uninterrupted_ppl(tmp_path_factory):
-    """Perplexity of the RESUMED configuration run without interruption (and without checkpoints)."""
-    from experiments.runner import run
-
+    """Perplexity of the RESUMED configuration run without interruption (and without checkpoints),
+    in a fresh process like the runs it is compared with (same threads, nothing set by other tests)."""
     folder = tmp_path_factory.mktemp("uninterrupted")
-    return run(compose(*RESUMED, f"results_dir={folder}", "resume=false"))["metrics"]["ppl"]["wikivital"]
+    out = _run_cli(*RESUMED, f"results_dir={folder}", "resume=false")
+    assert out.returncode == 0, out.stderr[-3000:]
+    (record,) = _records(folder)
+    return record["metrics"]["ppl"]["wikivital"]
 
 
 @needs_tiny_opt

@@ -48,6 +48,13 @@ def register_resolvers() -> None:
     warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/joblib' is validated against ConfigStore schema")
 
 
+def export_pythonpath() -> None:
+    """The processes a sweep starts (submitit's local and SLURM jobs, joblib's workers) unpickle
+    Hydra's plugin registry, which names this module: put its folder and the repo on their path."""
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    os.environ["PYTHONPATH"] = os.pathsep.join([p for p in (REPO, PLUGINS) if p not in paths] + paths)
+
+
 class SizedSlurmLauncher(SlurmLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         import submitit
@@ -85,4 +92,6 @@ class SizedSlurmLauncher(SlurmLauncher):
         return [job.results()[0] for job in jobs]
 
 
-register_resolvers()  # also in submitit's job processes, which import this module to unpickle the launcher
+# at import: Hydra imports every plugin module when it starts, and job processes to unpickle the launcher
+register_resolvers()
+export_pythonpath()
