@@ -56,6 +56,8 @@ def export_pythonpath() -> None:
 
 
 class SizedSlurmLauncher(SlurmLauncher):
+    """submitit_slurm with ``hydra.launcher`` resolved per job: one job array per set of resources."""
+
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         import submitit
 
