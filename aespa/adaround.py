@@ -38,28 +38,24 @@ def inverse_rectified_sigmoid(h: torch.Tensor) -> torch.Tensor:
     return -torch.log((ZETA - GAMMA) / (h - GAMMA) - 1)
 
 
-def _element_grid(grid: Grid, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return grid.expanded(in_features)
-
-
 def init_rounding(weight: torch.Tensor, grid: Grid) -> torch.Tensor:
     """V for ``weight`` ``[out, in]`` such that the soft-quantized weight starts at ``weight``
     (inside the grid's range): h(V) = frac(weight / scale)."""
-    scale, _ = _element_grid(grid, weight.shape[1])
+    scale, _ = grid.expanded(weight.shape[1])
     x = weight / scale
     return inverse_rectified_sigmoid(x - torch.floor(x))
 
 
 def soft_quantized_weight(weight: torch.Tensor, grid: Grid, v: torch.Tensor) -> torch.Tensor:
     """The differentiable weight of AdaRound: rounding offsets h(V) instead of round()."""
-    scale, zero = _element_grid(grid, weight.shape[1])
+    scale, zero = grid.expanded(weight.shape[1])
     q = torch.clamp(torch.floor(weight / scale) + rectified_sigmoid(v) + zero, 0, grid.maxq)
     return scale * (q - zero)
 
 
 def hard_quantized_weight(weight: torch.Tensor, grid: Grid, v: torch.Tensor) -> torch.Tensor:
     """The final weight: round up where V >= 0, down elsewhere; on the grid exactly."""
-    scale, zero = _element_grid(grid, weight.shape[1])
+    scale, zero = grid.expanded(weight.shape[1])
     q = torch.clamp(torch.floor(weight / scale) + (v >= 0).to(weight.dtype) + zero, 0, grid.maxq)
     return scale * (q - zero)
 

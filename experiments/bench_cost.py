@@ -260,46 +260,29 @@ def write_csv(path: str, table: list[dict]) -> None:
         writer.writerows(table)
 
 
-def plot_ppl_vs_time(rows: list[Row], path: str, title: str) -> str:
-    """BRECQ's perplexity against wall time over its budgets, with every other measured
-    method's (time, PPL) point and BRECQ's projected default time as a vertical line."""
-    import matplotlib
+def plot_ppl_vs_time(rows: list[Row], table: list[dict], path: str, title: str) -> str:
+    """``experiments.plots.time_vs_ppl`` over the table (BRECQ's budgets as one line, every
+    other method's (time, PPL) point), with the iteration budgets annotated, full precision
+    as a dotted line and BRECQ's projected default time as a dashed vertical line."""
+    import pandas as pd
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from experiments.plots import time_vs_ppl
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    brecq = sorted((r for r in rows if r.method == "brecq" and r.record is not None), key=lambda r: r.time_s)
-    if brecq:
-        ax.plot([r.time_s for r in brecq], [r.ppl() for r in brecq], "o-", color="tab:red", label="BRECQ (budgets)")
-        for r in brecq:
-            ax.annotate(f"{r.iters} it/block", (r.time_s, r.ppl()), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    markers = {"aespa": ("*", "tab:blue", 14), "gptq": ("s", "tab:green", 7), "rtn": ("^", "tab:gray", 7),
-               "omniquant": ("D", "tab:purple", 7)}
+    fig = time_vs_ppl(pd.DataFrame(table), title)
+    ax = fig.axes[0]
     for r in rows:
-        if r.method == "none" and r.ppl() is not None:
-            ax.axhline(r.ppl(), color="black", linestyle=":", linewidth=1, label=f"full precision ({r.ppl():.1f})")
-        elif r.method != "brecq" and r.record is not None and r.ppl() is not None:
-            m, c, s = markers.get(r.method, ("o", "black", 7))
-            ax.plot([r.time_s], [r.ppl()], m, color=c, markersize=s, linestyle="none", label=r.label)
-    for r in rows:
-        if r.method == "brecq" and r.record is None:
+        if r.method == "brecq" and r.record is not None and r.ppl() is not None:
+            ax.annotate(f"{r.iters} it/block", (r.time_s, r.ppl()), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7)
+        elif r.method == "brecq":
             ax.axvline(r.time_s, color="tab:red", linestyle="--", linewidth=1)
-            ax.annotate(f"BRECQ {r.iters} it\n(projected time)", (r.time_s, 0.95), xycoords=("data", "axes fraction"),
-                        ha="right", va="top", fontsize=8, color="tab:red")
-    ax.set_xscale("log")
-    if any(r.ppl() and r.ppl() > 0 for r in rows):
-        ppls = [r.ppl() for r in rows if r.ppl()]
-        if max(ppls) / min(ppls) > 20:
-            ax.set_yscale("log")
+            ax.annotate(f"BRECQ, {r.iters} it/block:\nprojected time", (r.time_s, 0.5),
+                        xycoords=("data", "axes fraction"), ha="right", va="center", fontsize=7, color="tab:red")
+        elif r.method == "none" and r.ppl() is not None:
+            ax.axhline(r.ppl(), color="black", linestyle=":", linewidth=1, label=f"full precision ({r.ppl():.1f})")
     ax.set_xlabel("quantization wall time (s)")
-    ax.set_ylabel("perplexity")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    ax.legend(fontsize="small")
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -392,7 +375,9 @@ def bench(args) -> int:
 
     os.makedirs(in_repo(args.out), exist_ok=True)
     stem = os.path.join(in_repo(args.out), f"cost_{args.model}_w{args.bits}")
-    device_name = next((r.record["env"]["device_name"] for r in rows if r.record), str(device))
+    env = next((r.record["env"] for r in rows if r.record), None)
+    device_name = str(device) if env is None else env["device_name"] + (
+        f", {env['threads']} CPU threads" if env["device"] == "cpu" else "")
     title = (f"{args.model} W{args.bits}: quantization time (Table 14 layout) on {device_name}, "
              f"{nsamples} x {seqlen} calibration tokens, {n_blocks} blocks")
     flop_table = [{"layer": r["layer"], "shape": r["shape"], **{m: f"{r[m] / 1e6:.3g}" for m in ("brecq", "aespa", "gptq", "rtn")}}
@@ -412,8 +397,8 @@ def bench(args) -> int:
     if table:
         write_csv(stem + ".csv", table)
     write_csv(stem + "_flops.csv", flop_table)
-    plot = plot_ppl_vs_time(rows, stem + ".png", f"{args.model} W{args.bits}: perplexity vs quantization time "
-                                                   f"({device_name})") if rows else None
+    plot = plot_ppl_vs_time(rows, table, stem + ".png", f"{args.model} W{args.bits}: perplexity vs quantization "
+                                                          f"time\n({device_name})") if rows else None
     print(text)
     print(f"saved: {stem}.md, {stem}.csv, {stem}_flops.csv" + (f", {plot}" if plot else ""))
     return 0
