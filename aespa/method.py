@@ -70,27 +70,29 @@ ATTENTION_INPUT = ("q", "k", "v")
 
 @register("aespa")
 class Aespa(Method):
+    defaults = DEFAULTS  # a variant (baselines/zfold.py) registers under its own name with other defaults
+
     def __init__(self, spec, options=None):
         super().__init__(spec, options)
-        unknown = sorted(set(self.options) - set(DEFAULTS))
+        unknown = sorted(set(self.options) - set(self.defaults))
         if unknown:
-            raise UserError(f"unknown aespa option(s) {', '.join(unknown)}; allowed: {', '.join(DEFAULTS)}")
-        opts = {**DEFAULTS, **self.options}
+            raise UserError(f"unknown {self.name} option(s) {', '.join(unknown)}; allowed: {', '.join(self.defaults)}")
+        opts = {**self.defaults, **self.options}
         for name in SWITCHES:
             if not isinstance(opts[name], bool):
-                raise UserError(f"aespa option {name}={opts[name]!r} is not allowed; use true or false")
+                raise UserError(f"{self.name} option {name}={opts[name]!r} is not allowed; use true or false")
         for name in POSITIVE:
             if isinstance(opts[name], bool) or not isinstance(opts[name], (int, float)) or not opts[name] > 0:
-                raise UserError(f"aespa option {name}={opts[name]!r} is not allowed; use a positive number")
+                raise UserError(f"{self.name} option {name}={opts[name]!r} is not allowed; use a positive number")
         for name in COUNTS + ("zfold_rounds",):
             low = 0 if name == "zfold_rounds" else 1
             if isinstance(opts[name], bool) or not isinstance(opts[name], int) or opts[name] < low:
-                raise UserError(f"aespa option {name}={opts[name]!r} is not allowed; use an integer >= {low}")
+                raise UserError(f"{self.name} option {name}={opts[name]!r} is not allowed; use an integer >= {low}")
         for name in ("round_weight", "round_weight_qkv"):
             if isinstance(opts[name], bool) or not isinstance(opts[name], (int, float)) or opts[name] < 0:
-                raise UserError(f"aespa option {name}={opts[name]!r} is not allowed; use a number >= 0")
+                raise UserError(f"{self.name} option {name}={opts[name]!r} is not allowed; use a number >= 0")
         if not 0 <= opts["warmup"] < 1:
-            raise UserError(f"aespa option warmup={opts['warmup']!r} is not allowed; use a fraction in [0, 1)")
+            raise UserError(f"{self.name} option warmup={opts['warmup']!r} is not allowed; use a fraction in [0, 1)")
         self.opts = opts
 
     # ------------------------------------------------------------------ the algorithm, per block

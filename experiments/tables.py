@@ -190,6 +190,27 @@ def matching_records(records: list[dict], row: dict) -> list[dict]:
     return out
 
 
+def run_setting(record: dict) -> str:
+    """Everything that makes two records different runs rather than two seeds of one run:
+    symmetry, calibration (dataset, samples, length), the method's own knobs, the evaluation."""
+    config = record.get("config") or {}
+    return json.dumps([record.get("sym"), record.get("calib"), config.get("method"), config.get("eval")],
+                      sort_keys=True, default=str)
+
+
+def seeds_of_one_setting(records: list[dict]) -> tuple[list[dict], int]:
+    """The records of one cell that are seeds of the same setting: where a cell matched runs of
+    several settings (e.g. 16 and 128 calibration samples), those of the setting run last.
+    Returns them and how many other records were left out."""
+    groups: dict[str, list[dict]] = {}
+    for rec in records:
+        groups.setdefault(run_setting(rec), []).append(rec)
+    if len(groups) <= 1:
+        return records, 0
+    chosen = max(groups.values(), key=lambda g: max(str(r.get("created", "")) for r in g))
+    return chosen, len(records) - len(chosen)
+
+
 # ----------------------------------------------------------------------------- paper numbers
 
 def read_paper_csv(path: Path) -> pd.DataFrame:
@@ -247,7 +268,11 @@ def build_table(spec: dict, records: list[dict], paper_dir: Path = REPO / "resul
     for row in table_rows(spec):
         matched = matching_records(records, row)
         for model in spec["models"]:
-            mine = [r for r in matched if r.get("model") == model]
+            mine, left_out = seeds_of_one_setting([r for r in matched if r.get("model") == model])
+            if left_out:
+                print(f"{spec.get('title', 'table')}: {row['setting']} {row['method']} on {model}: {left_out} record(s) "
+                      f"of another setting left out (the last run setting is shown; narrow with where:)",
+                      file=sys.stderr)
             for measure in spec["measures"]:
                 pairs = [(r["run_id"], record_value(r, measure)) for r in mine]
                 values = [v for _, v in pairs if v is not None]

@@ -329,6 +329,25 @@ def test_every_switch_quantizes_every_linear_onto_its_grid(arch, switches):
         assert torch.equal(result.grids["0.q"].col_scale, result.grids["0.v"].col_scale)
 
 
+def test_zfold_is_aespa_without_the_attention_aware_parts():
+    """The Z-FOLD baseline (aespa's Table 9) is aespa's code path with block_v and
+    learn_rounding off: the same weights, bit for bit, with a layer loss tr(ΔW H ΔWᵀ)
+    below RTN's on every linear."""
+    weights, original, hessians = {}, None, None
+    for name, options in (("zfold", {}), ("aespa", {"block_v": False, "learn_rounding": False}), ("rtn", {})):
+        adapter, ctx = block_context("llama", windows=4, seed=3)
+        if original is None:
+            original = {r: lin.weight.data.clone() for r, lin in ctx.block.linears().items()}
+            hessians = collect_block_statistics(ctx, value=False, query_key=False).hessians
+        get_method(name)(QuantSpec(bits=2), options).quantize_block(ctx)
+        weights[name] = {r: lin.weight.data.clone() for r, lin in ctx.block.linears().items()}
+    assert all(torch.equal(weights["zfold"][r], weights["aespa"][r]) for r in original)
+    for r, w in original.items():
+        loss = {name: (((weights[name][r] - w) @ hessians[r]) * (weights[name][r] - w)).sum().item()
+                for name in ("zfold", "rtn")}
+        assert loss["zfold"] < loss["rtn"], (r, loss)
+
+
 def attention_output_error(arch: str, method_name: str, options: dict) -> float:
     """Squared error of the attention output (before the out-projection) of one block whose
     q, k, v are quantized at 2 bits, over its calibration windows."""

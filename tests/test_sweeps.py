@@ -180,6 +180,18 @@ def test_local_launchers_run_a_sweep(launcher, tmp_path):
 # ----------------------------------------------------------------------------- concurrency
 
 
+def _join_all(workers, timeout: float = 120) -> None:
+    """Join every worker; one that hangs is killed and fails the test instead of the suite."""
+    deadline = time.monotonic() + timeout
+    for p in workers:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [p for p in workers if p.is_alive()]
+    for p in hung:
+        p.kill()
+    assert not hung, f"{len(hung)} worker(s) still running after {timeout:.0f} s"
+    assert [p.exitcode for p in workers] == [0] * len(workers)
+
+
 def _write_records(folder: str, worker: int, barrier, rounds: int) -> None:
     big = {"weights": list(range(50_000))}
     barrier.wait()
@@ -189,7 +201,7 @@ def _write_records(folder: str, worker: int, barrier, rounds: int) -> None:
 
 
 def test_eight_processes_writing_records_at_once_leave_eight_valid_records(tmp_path):
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")  # fork after torch's thread pools exist can deadlock the child
     barrier = ctx.Barrier(9)
     workers = [ctx.Process(target=_write_records, args=(str(tmp_path), w, barrier, 5)) for w in range(8)]
     for p in workers:
@@ -203,9 +215,7 @@ def test_eight_processes_writing_records_at_once_leave_eight_valid_records(tmp_p
             pass
         except ValueError:
             torn += 1
-    for p in workers:
-        p.join()
-        assert p.exitcode == 0
+    _join_all(workers)
     assert torn == 0
     found = {p.name: json.loads(p.read_text()) for p in tmp_path.iterdir()}
     assert sorted(found) == sorted([f"worker-{w}.json" for w in range(8)] + ["shared.json"])
@@ -228,14 +238,12 @@ def test_concurrent_writers_of_one_cache_entry_leave_it_valid(tmp_path):
 
     from experiments.data import DataCache
 
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")  # fork after torch's thread pools exist can deadlock the child
     barrier = ctx.Barrier(8)
     workers = [ctx.Process(target=_put_cache, args=(str(tmp_path), barrier)) for _ in range(8)]
     for p in workers:
         p.start()
-    for p in workers:
-        p.join()
-        assert p.exitcode == 0
+    _join_all(workers)
     assert torch.equal(DataCache(str(tmp_path)).get("same-key"), torch.arange(200_000))
     assert os.listdir(tmp_path) == ["same-key.safetensors"]
 
