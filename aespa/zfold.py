@@ -109,10 +109,13 @@ def hessian_weighted_grid(weight: torch.Tensor, hessian: torch.Tensor, bits: int
 def _candidate_scores(w, zeta, steps, zeros, maxq, hessian, h_gg, cross):
     """Row losses ``[candidates, out]`` of the grids (steps, zeros) ``[candidates, out]`` on
     the columns ``w`` ``[out, cols]`` (in units of ζ), the other columns' error held fixed."""
-    q = torch.clamp(torch.round(w / steps[..., None] + zeros[..., None]), 0, maxq)
-    d = (steps[..., None] * (q - zeros[..., None]) - w) * zeta  # [c, out, cols]
+    step, zero = steps[..., None], zeros[..., None]
+    # d = (step * (clamp(round(w / step + zero), 0, maxq) - zero) - w) * ζ, in place: these
+    # [c, out, cols] passes are memory-bound and cost more than the product with H below
+    d = torch.div(w, step)
+    d.add_(zero).round_().clamp_(0, maxq).sub_(zero).mul_(step).sub_(w).mul_(zeta)
     d_h = d.reshape(d.shape[0], *_by_head(w, hessian).shape)
-    score = ((d_h @ h_gg) * d_h).sum(-1).reshape(d.shape[0], -1)
+    score = (d_h @ h_gg).mul_(d_h).sum(-1).reshape(d.shape[0], -1)
     if cross is not None:
         score = score + 2 * (d * cross).sum(-1)
     return score
