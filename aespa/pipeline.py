@@ -168,6 +168,7 @@ class QuantizeResult:
     phases: dict[str, float] = field(default_factory=dict)
     grids: dict[str, Grid] = field(default_factory=dict)  # "<block>.<role>" -> grid
     notes: list[str] = field(default_factory=list)
+    earlier_s: float = 0.0  # quantization wall time of the earlier, interrupted segments of a resumed run
 
 
 def quantize_model(adapter: ModelAdapter, method, calibration: torch.Tensor, device, batch_size: int = 8,
@@ -179,6 +180,7 @@ def quantize_model(adapter: ModelAdapter, method, calibration: torch.Tensor, dev
     """
     device = torch.device(device)
     result = QuantizeResult()
+    segment_start = time.perf_counter()
     method.prepare(adapter, calibration)
     start = 0
     state = checkpoint.load(adapter, method, device) if checkpoint is not None else None
@@ -214,7 +216,8 @@ def quantize_model(adapter: ModelAdapter, method, calibration: torch.Tensor, dev
         result.notes.extend(f"block {i}: {n}" for n in ctx.notes)
         if checkpoint is not None:
             checkpoint.save(adapter, method, {"next_block": i + 1, "q_in": q_in, "fp_in": fp_in, "kwargs": kwargs,
-                                              "result": result})
+                                              "result": result,
+                                              "elapsed_s": result.earlier_s + time.perf_counter() - segment_start})
     method.finish(adapter)
     return result
 

@@ -11,8 +11,8 @@ is never applied to another configuration):
   that changes a block's structure otherwise restores it in ``resume_block(block)``),
 - ``state.pt``: both input streams of the next block (quantized, and full precision
   when the method uses it: recomputing the full-precision stream from a quantized
-  model would be wrong), the block keyword arguments, the grids, phase timings and
-  notes so far, the RNG states (torch CPU and CUDA, numpy, random) and the method's
+  model would be wrong), the block keyword arguments, the grids, phase timings,
+  quantization wall time and notes so far, the RNG states (torch CPU and CUDA, numpy, random) and the method's
   own state, if it has one,
 - ``progress.json``: ``{"run_id", "next_block", "n_blocks"}``, for people and scripts
   watching a run.
@@ -112,6 +112,7 @@ class BlockCheckpoint:
             "fp_in": None if state["fp_in"] is None else state["fp_in"].cpu(),
             "kwargs": _to_device(state["kwargs"], "cpu"),
             "phases": dict(result.phases),
+            "elapsed_s": float(state.get("elapsed_s", 0.0)),
             "grids": {k: _grid_to_dict(g) for k, g in result.grids.items()},
             "notes": list(result.notes),
             "rng": rng,
@@ -154,7 +155,7 @@ class BlockCheckpoint:
         np.random.set_state(_np_restore(rng["numpy"]))
         random.setstate(_py_restore(rng["random"]))
         result = QuantizeResult(dict(payload["phases"]), {k: _grid_from_dict(g) for k, g in payload["grids"].items()},
-                                list(payload["notes"]))
+                                list(payload["notes"]), float(payload.get("elapsed_s", 0.0)))
         return {"next_block": payload["next_block"], "q_in": payload["q_in"].to(device),
                 "kwargs": _to_device(payload["kwargs"], device),
                 "fp_in": None if payload["fp_in"] is None else payload["fp_in"].to(device), "result": result}

@@ -171,7 +171,7 @@ def run(cfg, config_dict: dict | None = None) -> dict:
         from aespa.pipeline import QuantizeResult
 
         result = QuantizeResult()
-    quantize_s = time.perf_counter() - t0
+    quantize_s = time.perf_counter() - t0 + result.earlier_s  # a resumed run counts its earlier segments too
 
     t1 = time.perf_counter()
     ppl = {}

@@ -3,6 +3,7 @@ block k and ends bit-identical to an uninterrupted run, on small random models."
 import json
 import os
 import random
+import time
 
 import numpy as np
 import pytest
@@ -165,3 +166,21 @@ def test_an_unreadable_checkpoint_starts_over_and_says_so(tmp_path, capsys):
     assert "cannot read the checkpoint" in err and "starting over" in err
     _assert_same_weights(model, ref_model)
     assert json.loads(open(os.path.join(checkpoint.folder, "progress.json")).read())["next_block"] == N_BLOCKS
+
+
+class SlowMethod(StatefulNoisyMethod):
+    """Each block takes at least 0.2 s."""
+
+    def quantize_block(self, ctx) -> None:
+        if ctx.index == self.stop_at:
+            raise Stop
+        time.sleep(0.2)
+
+
+def test_a_resumed_run_counts_the_time_of_its_earlier_segment(tmp_path):
+    checkpoint = BlockCheckpoint(str(tmp_path), "run")
+    with pytest.raises(Stop):
+        _quantize("opt", SlowMethod(stop_at=2), checkpoint)
+    assert torch.load(checkpoint.path, weights_only=True)["elapsed_s"] >= 0.4  # blocks 0 and 1
+    _, result, _ = _quantize("opt", SlowMethod(), checkpoint)
+    assert 0.4 <= result.earlier_s < 5
