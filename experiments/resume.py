@@ -32,13 +32,13 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 
 import numpy as np
 import torch
 
 from aespa.actquant import QuantInputLinear, install_activation_quantizers
 from aespa.quant import Grid
+from experiments.records import atomic_write
 
 STATE = "state.pt"
 PROGRESS = "progress.json"
@@ -53,25 +53,6 @@ def _grid_to_dict(g: Grid) -> dict:
 
 def _grid_from_dict(d: dict) -> Grid:
     return Grid(d["scale"], d["zero"], d["bits"], d["group_size"], d.get("col_scale"))
-
-
-def atomic_write(path: str, write) -> None:
-    """``write(file)`` into a unique temporary file next to ``path``, fsync, rename over
-    ``path``. Unique names (not a PID: jobs on different nodes of a shared file system
-    can have the same one) so concurrent writers never share a temporary file."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class BlockCheckpoint:
