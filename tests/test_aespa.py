@@ -373,7 +373,7 @@ def test_attention_output_error_below_gptq(arch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,bits", [("tiny_opt", 2), ("tiny_llama", 2), ("tiny_llama", 3)])
+@pytest.mark.parametrize("name,bits", [("tiny_opt", 2), ("tiny_llama", 3)])
 def test_perplexity_aespa_below_gptq_below_rtn(name, bits, request):
     """On the embedded models, 16 calibration windows: aespa < GPTQ < RTN. aespa runs on a
     reduced budget (150 rounding iterations, 5 Z-Fold rounds) to keep the suite short; the
