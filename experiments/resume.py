@@ -12,8 +12,8 @@ is never applied to another configuration):
 - ``state.pt``: both input streams of the next block (quantized, and full precision
   when the method uses it: recomputing the full-precision stream from a quantized
   model would be wrong), the block keyword arguments, the grids, phase timings,
-  quantization wall time and notes so far, the RNG states (torch CPU and CUDA, numpy, random) and the method's
-  own state, if it has one,
+  quantization wall time and notes so far, the RNG states (torch CPU and CUDA, numpy,
+  random) and the method's own state, if it has one,
 - ``progress.json``: ``{"run_id", "next_block", "n_blocks"}``, for people and scripts
   watching a run.
 

@@ -335,7 +335,7 @@ def test_zfold_is_aespa_without_the_attention_aware_parts():
     below RTN's on every linear."""
     weights, original, hessians = {}, None, None
     for name, options in (("zfold", {}), ("aespa", {"block_v": False, "learn_rounding": False}), ("rtn", {})):
-        adapter, ctx = block_context("llama", windows=4, seed=3)
+        _, ctx = block_context("llama", windows=4, seed=3)
         if original is None:
             original = {r: lin.weight.data.clone() for r, lin in ctx.block.linears().items()}
             hessians = collect_block_statistics(ctx, value=False, query_key=False).hessians
