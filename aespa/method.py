@@ -10,16 +10,16 @@ Per decoder block (the pipeline feeds it the quantized-stream inputs, in fp32):
    (post-RoPE, rotated back and averaged over positions; grouped-query heads averaged
    or repeated). Dead input channels (H_jj = 0) get H_jj = ``dead_value`` and a zero
    weight column; H += ``percdamp`` · mean diag(H) · I (per head for the value Hessian).
-2. **Quantization parameters** (``aespa.zfold``): per output channel (or group), the
+2. **Quantization parameters** (``aespa.qparams``): per output channel (or group), the
    clipping of the min-max range that minimises the Hessian-weighted error
    tr(ΔW H ΔWᵀ) — with the value Hessian for v; with ``use_zfold``, Z-Fold's
    per-input-channel factor ζ (shared by q, k, v) alternating with that search, for the
-   layers of ``BlockAdapter.zfold_groups()``.
-3. **OPTQ initialisation** (``optq_init``, ``aespa.gptq.gptq_sweep`` on the refined grid,
+   layers of :func:`zfold_groups`.
+3. **OPTQ initialisation** (``optq_init``, ``aespa.core.sweep.gptq_sweep`` on the refined grid,
    ``act_order``): the GPTQ column sweep with H (q, k, and the layers outside attention)
    or the value Hessian of each head (v); its error-updated weights are where rounding
    learning starts.
-4. **Rounding** (``learn_rounding``, ``aespa.adaround``): AdaRound on the refined objectives
+4. **Rounding** (``learn_rounding``, ``aespa.core.rounding``): AdaRound on the refined objectives
 
        q:  Σ_h tr(E[K_h K_hᵀ] ΔW_h H ΔW_hᵀ)          (Eq. 21)
        k:  Σ_h tr(E[Q_h Q_hᵀ] ΔW_h H ΔW_hᵀ)          (Eq. 22)
@@ -48,91 +48,111 @@ Deviations from the reference code, stated:
 """
 from __future__ import annotations
 
-from aespa.adaround import learn_rounding
-from aespa.errors import UserError
-from aespa.gptq import gptq_sweep
-from aespa.hessian import prepare_hessian
-from aespa.quant import Grid, check_group_size, minmax_grid
-from aespa.registry import Method, register
-from aespa.statistics import BlockStatistics, QuadraticObjective, collect_block_statistics
-from aespa.zfold import hessian_weighted_grid, zfold
+from dataclasses import dataclass
 
-DEFAULTS = dict(
-    block_v=True, use_zfold=True, optq_init=True, act_order=True, learn_rounding=True,
-    percdamp=0.01, dead_value=1 / 2048, blocksize=128, zfold_rounds=30,
-    iters=2000, lr=0.015, round_weight=1.0, round_weight_qkv=1.5, warmup=0.2, beta_start=20.0, beta_end=2.0,
-)
-SWITCHES = ("block_v", "use_zfold", "optq_init", "act_order", "learn_rounding")
-POSITIVE = ("percdamp", "dead_value", "lr", "beta_start", "beta_end")
-COUNTS = ("blocksize", "iters")
+import torch
+
+from aespa.core.adapters import BlockAdapter
+from aespa.core.grid import Grid, minmax_grid
+from aespa.core.hessian import prepare_hessian
+from aespa.core.method import Method, register
+from aespa.core.options import option
+from aespa.core.pipeline import BlockContext
+from aespa.core.rounding import learn_rounding
+from aespa.core.sweep import gptq_sweep
+from aespa.qparams import hessian_weighted_grid, zfold
+from aespa.statistics import BlockStatistics, QuadraticObjective, collect_block_statistics
+
 ATTENTION_INPUT = ("q", "k", "v")
+
+
+def zfold_groups(block: BlockAdapter) -> tuple[tuple[str, ...], ...]:
+    """The linears whose input channels take one shared factor ζ that folds into the op
+    feeding them, as the reference code's lists: every group of the family description
+    (q/k/v into the attention norm, o into the rows of v, fc1 into the MLP norm, down/fc2
+    into the rows of up/fc1), except
+
+    - the gate/up pair of a SwiGLU MLP (the reference does not fold there), and
+    - o under grouped-query attention: a factor on o's input would fold into the rows of
+      v, which several query heads share.
+    """
+    groups = []
+    for group in block.groups:
+        if block.family.mlp == "swiglu" and "gate" in group.roles:
+            continue
+        if group.feeder == "v" and block.geometry.kv_group > 1:
+            continue
+        groups.append(group.roles)
+    return tuple(groups)
 
 
 @register("aespa")
 class Aespa(Method):
-    defaults = DEFAULTS  # a variant (baselines/zfold.py) registers under its own name with other defaults
+    """aespa (Kim et al., NeurIPS 2024): layer-wise quantization with attention-aware objectives,
+    pre-computed statistics and learned rounding (the steps: this module's docstring)."""
 
-    def __init__(self, spec, options=None):
-        super().__init__(spec, options)
-        unknown = sorted(set(self.options) - set(self.defaults))
-        if unknown:
-            raise UserError(f"unknown {self.name} option(s) {', '.join(unknown)}; allowed: {', '.join(self.defaults)}")
-        opts = {**self.defaults, **self.options}
-        for name in SWITCHES:
-            if not isinstance(opts[name], bool):
-                raise UserError(f"{self.name} option {name}={opts[name]!r} is not allowed; use true or false")
-        for name in POSITIVE:
-            if isinstance(opts[name], bool) or not isinstance(opts[name], (int, float)) or not opts[name] > 0:
-                raise UserError(f"{self.name} option {name}={opts[name]!r} is not allowed; use a positive number")
-        for name in COUNTS + ("zfold_rounds",):
-            low = 0 if name == "zfold_rounds" else 1
-            if isinstance(opts[name], bool) or not isinstance(opts[name], int) or opts[name] < low:
-                raise UserError(f"{self.name} option {name}={opts[name]!r} is not allowed; use an integer >= {low}")
-        for name in ("round_weight", "round_weight_qkv"):
-            if isinstance(opts[name], bool) or not isinstance(opts[name], (int, float)) or opts[name] < 0:
-                raise UserError(f"{self.name} option {name}={opts[name]!r} is not allowed; use a number >= 0")
-        if not 0 <= opts["warmup"] < 1:
-            raise UserError(f"{self.name} option warmup={opts['warmup']!r} is not allowed; use a fraction in [0, 1)")
-        self.opts = opts
+    @dataclass(frozen=True)
+    class Options:
+        block_v: bool = option(True, "value objective with the attention-weighted Hessian E[X A_hᵀ A_h Xᵀ] per "
+                                     "head (Eq. 17); false: E[X Xᵀ]")
+        use_zfold: bool = option(True, "Z-Fold: per-input-channel scale ζ (shared by q/k/v), alternated with the "
+                                       "clipping search; false: clipping search only")
+        optq_init: bool = option(True, "start rounding from the OPTQ (GPTQ) error-updated weights on the refined "
+                                       "grid; false: from the original weights")
+        act_order: bool = option(True, "OPTQ visits columns in decreasing Hessian diagonal (only with optq_init)")
+        learn_rounding: bool = option(True, "AdaRound on the refined objectives (q: Eq. 21, k: Eq. 22, v: Eq. 17); "
+                                            "false: keep OPTQ's (or nearest) rounding")
+        percdamp: float = option(0.01, "damping added to every Hessian's diagonal, a fraction of its mean diagonal",
+                                 positive=True)
+        dead_value: float = option(1 / 2048, "Hessian diagonal of dead input channels (the public code's --replace)",
+                                   positive=True)
+        blocksize: int = option(128, "OPTQ columns per lazy-batch block (speed only)", low=1)
+        zfold_rounds: int = option(30, "at most this many ζ / scale alternations (stops as soon as the loss "
+                                       "increases)", low=0)
+        iters: int = option(2000, "AdaRound iterations per linear", low=1)
+        lr: float = option(0.015, "Adam learning rate of the rounding variables", positive=True)
+        round_weight: float = option(1.0, "weight λ of the rounding regulariser for o, up, gate, down", low=0)
+        round_weight_qkv: float = option(1.5, "weight λ of the rounding regulariser for q, k, v", low=0)
+        warmup: float = option(0.2, "fraction of the iterations without the regulariser", low=0, below=1)
+        beta_start: float = option(20.0, "regulariser exponent β at the end of the warm-up ...", positive=True)
+        beta_end: float = option(2.0, "... decayed linearly to this at the last iteration", positive=True)
 
     # ------------------------------------------------------------------ the algorithm, per block
 
-    def quantize_block(self, ctx) -> None:
-        o, spec = self.opts, self.spec
+    def quantize_block(self, ctx: BlockContext) -> None:
+        o = self.options
         linears = ctx.block.linears()
-        for role, linear in linears.items():
-            check_group_size(linear.in_features, spec.group_size, f"{role} of block {ctx.index}")
         original = {role: lin.weight.data.float().clone() for role, lin in linears.items()}
 
         with ctx.phase("statistics"):
-            stats = collect_block_statistics(ctx, value=o["block_v"], query_key=o["learn_rounding"])
+            stats = collect_block_statistics(ctx, value=o.block_v, query_key=o.learn_rounding)
             objectives, weights = self.objectives(stats, original)
 
         with ctx.phase("qparams"):
             grids = self.quantization_parameters(ctx.block, original, weights, objectives)
 
         starts = weights
-        if o["optq_init"]:
+        if o.optq_init:
             with ctx.phase("optq_init"):
                 starts = {}
                 for role in linears:
                     sweep = gptq_sweep(weights[role], self.optq_hessian(role, stats), grids[role],
-                                       blocksize=o["blocksize"], percdamp=o["percdamp"], act_order=o["act_order"],
-                                       dead_value=o["dead_value"])
-                    starts[role] = sweep.weight_updated if o["learn_rounding"] else sweep.weight_q
-                    if sweep.damping > o["percdamp"] * (1 + 1e-6):
-                        ctx.notes.append(f"aespa {role}: Cholesky failed at percdamp={o['percdamp']}; "
-                                         f"used {sweep.damping:g}")
+                                       blocksize=o.blocksize, percdamp=o.percdamp, act_order=o.act_order,
+                                       dead_value=o.dead_value)
+                    starts[role] = sweep.weight_updated if o.learn_rounding else sweep.weight_q
+                    if sweep.damping > o.percdamp * (1 + 1e-6):
+                        ctx.note(f"aespa {role}: Cholesky failed at percdamp={o.percdamp}; "
+                                 f"used {sweep.damping:g}")
 
         with ctx.phase("rounding"):
             for role in linears:
-                if o["learn_rounding"]:
+                if o.learn_rounding:
                     objective, target = objectives[role], weights[role]
                     quantized = learn_rounding(
-                        target, grids[role], lambda w_soft: objective(w_soft - target), iterations=o["iters"],
-                        lr=o["lr"], round_weight=o["round_weight_qkv"] if role in ATTENTION_INPUT else o["round_weight"],
-                        warmup=o["warmup"], beta=(o["beta_start"], o["beta_end"]), init_weight=starts[role])
-                elif o["optq_init"]:
+                        target, grids[role], lambda w_soft: objective(w_soft - target), iterations=o.iters,
+                        lr=o.lr, round_weight=o.round_weight_qkv if role in ATTENTION_INPUT else o.round_weight,
+                        warmup=o.warmup, beta=(o.beta_start, o.beta_end), init_weight=starts[role])
+                elif o.optq_init:
                     quantized = starts[role]  # the OPTQ weights (already on the grid)
                 else:
                     quantized = grids[role].fake_quantize(weights[role])
@@ -143,27 +163,28 @@ class Aespa(Method):
     def objectives(self, stats: BlockStatistics, original: dict) -> tuple[dict, dict]:
         """Per role the refined objective (damped Hessians, dead channels replaced) and the
         reference weight with dead input columns zeroed."""
-        o = self.opts
+        o = self.options
         objectives, weights = {}, {}
         for role, w in original.items():
-            raw = stats.value_hessian if role == "v" and o["block_v"] else stats.hessians[role]
-            hessian, dead = prepare_hessian(raw, o["percdamp"], o["dead_value"])
+            raw = stats.value_hessian if role == "v" and o.block_v else stats.hessians[role]
+            hessian, dead = prepare_hessian(raw, o.percdamp, o.dead_value)
             head_covariance = None
-            if o["learn_rounding"] and role == "q":
+            if o.learn_rounding and role == "q":
                 head_covariance = stats.key_covariance
-            elif o["learn_rounding"] and role == "k":
+            elif o.learn_rounding and role == "k":
                 head_covariance = stats.query_covariance
             objectives[role], weights[role] = QuadraticObjective(hessian, head_covariance), zero_dead_columns(w, dead)
         return objectives, weights
 
-    def quantization_parameters(self, block, original: dict, weights: dict, objectives: dict) -> dict[str, Grid]:
+    def quantization_parameters(self, block: BlockAdapter, original: dict, weights: dict, objectives: dict
+                                ) -> dict[str, Grid]:
         """Hessian-weighted clipping search per layer; Z-Fold for the family's fold groups."""
-        spec, o = self.spec, self.opts
+        spec, o = self.spec, self.options
         grids: dict[str, Grid] = {}
-        if o["use_zfold"] and o["zfold_rounds"] > 0:
-            for group in block.zfold_groups():
+        if o.use_zfold and o.zfold_rounds > 0:
+            for group in zfold_groups(block):
                 result = zfold([weights[r] for r in group], [objectives[r].hessian for r in group], spec.bits,
-                               spec.sym, spec.group_size, o["zfold_rounds"],
+                               spec.sym, spec.group_size, o.zfold_rounds,
                                initial_grids=[minmax_grid(original[r], spec.bits, spec.sym, spec.group_size)
                                               for r in group])
                 grids.update(zip(group, result.grids))
@@ -172,12 +193,12 @@ class Aespa(Method):
                 grids[role] = hessian_weighted_grid(w, objectives[role].hessian, spec.bits, spec.sym, spec.group_size)
         return grids
 
-    def optq_hessian(self, role: str, stats: BlockStatistics):
+    def optq_hessian(self, role: str, stats: BlockStatistics) -> torch.Tensor:
         """The (undamped) Hessian the OPTQ sweep uses: per head for v under ``block_v``."""
-        return stats.value_hessian if role == "v" and self.opts["block_v"] else stats.hessians[role]
+        return stats.value_hessian if role == "v" and self.options.block_v else stats.hessians[role]
 
 
-def zero_dead_columns(weight, dead):
+def zero_dead_columns(weight: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
     """``weight`` ``[out, in]`` with the columns of dead input channels set to 0; a per-head
     mask ``[heads, in]`` applies to each head's block of rows."""
     heads = dead.shape[0] if dead.dim() == 2 else 1

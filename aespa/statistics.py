@@ -45,8 +45,9 @@ from dataclasses import dataclass
 
 import torch
 
-from aespa.adapters import rotation_matrices
-from aespa.errors import UserError
+from aespa.core.attention import AttentionHook, rotation_matrices
+from aespa.core.errors import UserError
+from aespa.core.pipeline import BlockContext
 
 
 class RunningSecondMoment:
@@ -100,8 +101,9 @@ def rotary_tables(kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def collect_block_statistics(ctx, *, value: bool = True, query_key: bool = True) -> BlockStatistics:
-    """One full-precision pass of ``ctx.block`` over ``ctx.inputs`` (in mini-batches).
+def collect_block_statistics(ctx: BlockContext, *, value: bool = True, query_key: bool = True) -> BlockStatistics:
+    """One pass of ``ctx.block`` (not yet quantized) over ``ctx.inputs``, in mini-batches,
+    stopped after the input of the last linear.
 
     ``value``: also the attention-weighted value Hessian (``block_v``); ``query_key``: the
     query/key covariances (needed by the rounding objectives of q and k).
@@ -118,10 +120,10 @@ def collect_block_statistics(ctx, *, value: bool = True, query_key: bool = True)
     value_input: list[torch.Tensor] = []  # the input of v in the current mini-batch
 
     def input_hook(role):
-        def hook(module, args):
-            inputs[role].add(args[0])
+        def hook(x):
+            inputs[role].add(x)
             if value and role == source["v"]:
-                value_input[:] = [args[0]]
+                value_input[:] = [x]
         return hook
 
     def observe(query, key, _value, probs):
@@ -135,18 +137,8 @@ def collect_block_statistics(ctx, *, value: bool = True, query_key: bool = True)
             query_moment.add(query.transpose(0, 1), leading=1)  # [heads, b*T, d_h]
             key_moment.add(key.transpose(0, 1), leading=1)  # [kv_heads, b*T, d_h]
 
-    from aespa.adapters import AttentionHook
-
-    handles = [block.linear(role).register_forward_pre_hook(input_hook(role)) for role in inputs]
-    if value or query_key:
-        block.set_attention_hook(AttentionHook(observe=observe, needs_probs=value))
-    try:
-        for i in range(0, ctx.inputs.shape[0], ctx.batch_size):
-            ctx.run(ctx.inputs[i:i + ctx.batch_size])
-    finally:
-        for h in handles:
-            h.remove()
-        block.set_attention_hook(None)
+    hook = AttentionHook(observe=observe, needs_probs=value) if value or query_key else None
+    ctx.observe(on_input={role: input_hook(role) for role in inputs}, attention=hook)
 
     stats = BlockStatistics({role: 2 * inputs[source[role]].mean for role in source}, tokens=inputs[source["q"]].tokens)
     if value:

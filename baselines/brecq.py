@@ -9,7 +9,7 @@ Per decoder block, with the block's full-precision weights W:
    with the least mean |w - Q(w)|^2.4 wins (first on ties); scale = (hi - lo) / (2^b - 1),
    zero = round(-lo / scale). The range is *not* forced to contain 0 (unlike min-max).
 2. **Reconstruction** (``block_recon.block_reconstruction``, ``asym=True``): AdaRound on
-   the weights of every linear of the block *jointly* (``aespa.adaround``: rectified
+   the weights of every linear of the block *jointly* (``aespa.core.rounding``: rectified
    sigmoid, V initialised at the fractional part), minimising
 
        min_V  E ‖ f(X_q; Ŵ(V)) − f(X; W) ‖²  +  λ Σ_layers Σ (1 − |2h(V) − 1|^β)
@@ -20,17 +20,17 @@ Per decoder block, with the block's full-precision weights W:
    reference's ``lp_loss(p=2)``: sum over the feature axis, mean over the rest).
    λ = 0.01, the regulariser is off during the first 20 % of the iterations and β decays
    linearly 20 → 2 after that; Adam with its default learning rate 1e-3 on V only;
-   20 000 iterations; each iteration a mini-batch of windows drawn without replacement
+   20 000 iterations; each iteration a mini-batch of ``windows_per_step`` windows drawn without replacement
    (``torch.randperm(n)[:batch]``, seeded by the run's seed) from the cached inputs.
    The soft weights enter the block through ``torch.func.functional_call``.
 3. **Hard rounding**: up where V ≥ 0; the block keeps those weights.
 
 Memory: the pipeline holds the two calibration streams of the current block; BRECQ adds
 the rounding variables of one block (and Adam's two moments) and the activations of one
-mini-batch, so memory grows with ``batch_size``, never with the number of blocks.
+mini-batch, so memory grows with ``windows_per_step``, never with the number of blocks.
 
 Deviations and choices, stated:
-- ``batch_size`` defaults to 4 windows, not the reference's 32: the reference tunes 32
+- ``windows_per_step`` (the reference's batch size) defaults to 4 windows, not 32: the reference tunes 32
   images per step for CNNs; aespa's cost model of BRECQ on LLMs counts 4 sequences per
   iteration (its Table 7), and aespa's measured 3.39 GB peak for BRECQ on OPT-125M
   (Table 14) is consistent with 4 × 2048-token windows, not 32 (one 32-window attention
@@ -44,24 +44,25 @@ Deviations and choices, stated:
 - ``scale_method: max`` selects the reference's other weight grid (min-max with 0 in the
   range), i.e. the RTN grid; with ``iters: 0`` BRECQ then returns exactly RTN.
 - Training in fp32; the regulariser's step counter starts at 1 as the reference's.
+- The mini-batch generator (seeded by the run's seed) is part of a checkpoint, so a resumed
+  run draws the same mini-batches as an uninterrupted one.
 """
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 from torch.func import functional_call
 
-from aespa.adaround import RoundingRegularizer, hard_quantized_weight, init_rounding, soft_quantized_weight
-from aespa.errors import UserError
-from aespa.pipeline import block_output
-from aespa.quant import Grid, check_group_size, grid_from_range, minmax_grid, minmax_range
-from aespa.registry import Method, register
+from aespa.core.grid import Grid, check_group_size, grid_from_range, minmax_grid, minmax_range
+from aespa.core.method import Method, register
+from aespa.core.observe import block_output
+from aespa.core.options import option
+from aespa.core.pipeline import BlockContext
+from aespa.core.rounding import RoundingRegularizer, hard_quantized_weight, init_rounding, soft_quantized_weight
 
-DEFAULTS = dict(iters=20000, batch_size=4, lr=1e-3, round_weight=0.01, warmup=0.2, beta_start=20.0, beta_end=2.0,
-                scale_method="mse")
-SCALE_METHODS = ("mse", "max")
 SHRINK_STEPS, SHRINK_STEP = 80, 0.01  # range factors 1.00, 0.99, ..., 0.21
 SEARCH_NORM = 2.4  # the L_p norm of the grid search (LAPQ's choice, hard-coded in the reference)
 
@@ -107,42 +108,46 @@ def reconstruction_error(output: torch.Tensor, target: torch.Tensor) -> torch.Te
 class BRECQ(Method):
     needs_fp_stream = True
 
+    @dataclass(frozen=True)
+    class Options:
+        iters: int = option(20000, "Adam steps per block (reference --iters_w)", low=0)
+        windows_per_step: int = option(4, "calibration windows per step; the reference's batch size 32 is for CNN "
+                                          "images, aespa's cost model of BRECQ on LLMs uses 4 sequences (Table 7)",
+                                       low=1)
+        lr: float = option(1e-3, "Adam learning rate of the rounding variables (reference: Adam's default)",
+                           positive=True)
+        round_weight: float = option(0.01, "λ, weight of the rounding regulariser (reference --weight)", low=0)
+        warmup: float = option(0.2, "fraction of the steps without the regulariser (reference --warmup)", low=0,
+                               below=1)
+        beta_start: float = option(20.0, "regulariser exponent β, decayed linearly after warm-up ...", positive=True)
+        beta_end: float = option(2.0, "... to this value (reference --b_start / --b_end)", positive=True)
+        scale_method: str = option("mse", "weight grid: mse = per-channel L2.4 search over 80 range shrink factors "
+                                          "(reference); max = min-max range containing 0 (the RTN grid)",
+                                   choices=("mse", "max"))
+
     def __init__(self, spec, options=None):
         super().__init__(spec, options)
-        unknown = sorted(set(self.options) - set(DEFAULTS))
-        if unknown:
-            raise UserError(f"unknown brecq option(s) {', '.join(unknown)}; allowed: {', '.join(DEFAULTS)}")
-        o = {**DEFAULTS, **self.options}
-        for name, low in (("iters", 0), ("batch_size", 1)):
-            if isinstance(o[name], bool) or not isinstance(o[name], int) or o[name] < low:
-                raise UserError(f"brecq option {name}={o[name]!r} is not allowed; use an integer >= {low}")
-        for name in ("lr", "beta_start", "beta_end"):
-            if isinstance(o[name], bool) or not isinstance(o[name], (int, float)) or not o[name] > 0:
-                raise UserError(f"brecq option {name}={o[name]!r} is not allowed; use a positive number")
-        if isinstance(o["round_weight"], bool) or not isinstance(o["round_weight"], (int, float)) or o["round_weight"] < 0:
-            raise UserError(f"brecq option round_weight={o['round_weight']!r} is not allowed; use a number >= 0")
-        if isinstance(o["warmup"], bool) or not isinstance(o["warmup"], (int, float)) or not 0 <= o["warmup"] < 1:
-            raise UserError(f"brecq option warmup={o['warmup']!r} is not allowed; use a fraction in [0, 1)")
-        if o["scale_method"] not in SCALE_METHODS:
-            raise UserError(f"brecq option scale_method={o['scale_method']!r} is not allowed; "
-                            f"allowed: {', '.join(SCALE_METHODS)}")
-        self.opts = o
         self.generator = torch.Generator().manual_seed(0)
         self.history: list[dict] = []  # per block: iterations, seconds, first/last reconstruction loss
 
-    def prepare(self, adapter, calibration) -> None:
+    def prepare(self, model, calibration) -> None:
         # the run's seed (experiments.runner.seed_everything) seeds the mini-batch draws
         self.generator = torch.Generator().manual_seed(torch.initial_seed())
 
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
+
     def grid(self, w: torch.Tensor) -> Grid:
-        if self.opts["scale_method"] == "max":
+        if self.options.scale_method == "max":
             return minmax_grid(w, self.spec.bits, self.spec.sym, self.spec.group_size)
         return lp_search_grid(w, self.spec.bits, self.spec.sym, self.spec.group_size)
 
-    def quantize_block(self, ctx) -> None:
+    def quantize_block(self, ctx: BlockContext) -> None:
         linears = ctx.block.linears()
-        for role, linear in linears.items():
-            check_group_size(linear.in_features, self.spec.group_size, f"{role} of block {ctx.index}")
         weights = {role: lin.weight.detach().float().clone() for role, lin in linears.items()}
 
         with ctx.phase("grid"):
@@ -153,16 +158,16 @@ class BRECQ(Method):
             for role, w in weights.items():
                 ctx.set_weight(role, hard_quantized_weight(w, grids[role], rounding[role]), grids[role])
 
-    def reconstruct(self, ctx, weights: dict, grids: dict) -> dict[str, torch.Tensor]:
+    def reconstruct(self, ctx: BlockContext, weights: dict, grids: dict) -> dict[str, torch.Tensor]:
         """AdaRound on all linears of the block against the block output; returns V per role."""
-        o, block = self.opts, ctx.block
+        o, block = self.options, ctx.block
         v = {role: torch.nn.Parameter(init_rounding(w, grids[role])) for role, w in weights.items()}
-        iters = o["iters"]
+        iters = o.iters
         if iters == 0:
             return {role: p.detach() for role, p in v.items()}
         names = {role: f"{block.family.linears[role]}.weight" for role in weights}
-        optimizer = torch.optim.Adam(list(v.values()), lr=o["lr"])
-        regularizer = RoundingRegularizer(iters, o["warmup"], o["beta_start"], o["beta_end"])
+        optimizer = torch.optim.Adam(list(v.values()), lr=o.lr)
+        regularizer = RoundingRegularizer(iters, o.warmup, o.beta_start, o.beta_end)
         kwargs = ctx.call_kwargs()
         n = ctx.inputs.shape[0]
         frozen = [(p, p.requires_grad) for p in block.module.parameters()]
@@ -173,7 +178,7 @@ class BRECQ(Method):
         try:
             with torch.enable_grad():
                 for step in range(iters):
-                    idx = torch.randperm(n, generator=self.generator)[: o["batch_size"]].to(ctx.inputs.device)
+                    idx = torch.randperm(n, generator=self.generator)[: o.windows_per_step].to(ctx.inputs.device)
                     x = ctx.inputs[idx].to(ctx.device, ctx.dtype)
                     target = ctx.fp_outputs[idx].to(ctx.device, ctx.dtype)
                     soft = {names[r]: soft_quantized_weight(weights[r], grids[r], v[r]) for r in weights}
@@ -181,7 +186,7 @@ class BRECQ(Method):
                     rec = reconstruction_error(out, target)
                     # the reference's counter starts at 1 (LossFunction.count += 1 before use)
                     reg = sum(regularizer(step + 1, p) for p in v.values())
-                    loss = rec + o["round_weight"] * reg
+                    loss = rec + o.round_weight * reg
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
@@ -198,6 +203,6 @@ class BRECQ(Method):
         last = first if iters == 1 else last
         self.history.append({"block": ctx.index, "iters": iters, "seconds": seconds, "first_loss": first,
                              "last_loss": last})
-        ctx.notes.append(f"brecq: {iters} iterations, {1e3 * seconds / iters:.2f} ms/iteration, "
-                         f"reconstruction loss {first:.4g} -> {last:.4g}")
+        ctx.note(f"brecq: {iters} iterations, {1e3 * seconds / iters:.2f} ms/iteration, "
+                 f"reconstruction loss {first:.4g} -> {last:.4g}")
         return {role: p.detach() for role, p in v.items()}

@@ -5,8 +5,8 @@ Per decoder block, for each group of linears that read the same input (adapter o
 q/k/v, then o, then up/gate, then down):
 
 1. Hessian ``H = 2/N Σ x xᵀ`` of the group's input, from a pass of the block over the
-   quantized-stream calibration inputs (``aespa.hessian.collect_hessians``);
-2. for each linear of the group, the column sweep of ``aespa.gptq.gptq_sweep`` (Alg. 1:
+   quantized-stream calibration inputs (``aespa.core.hessian.collect_hessians``);
+2. for each linear of the group, the column sweep of ``aespa.core.sweep.gptq_sweep`` (Alg. 1:
    min-max grid, dead columns, damping ``percdamp · mean diag H``, Cholesky factor of
    ``H⁻¹``, blocked lazy updates, optional ``act_order`` and static groups), and the
    quantized weight written back.
@@ -31,47 +31,44 @@ Deviations from the reference, stated:
 """
 from __future__ import annotations
 
-from aespa.errors import UserError
-from aespa.gptq import check_sweep_options, gptq_sweep
-from aespa.hessian import collect_hessians
-from aespa.quant import check_group_size
-from aespa.registry import Method, register
+from dataclasses import dataclass
 
-DEFAULTS = dict(percdamp=0.01, blocksize=128, act_order=False, static_groups=False, true_sequential=True)
+from aespa.core.hessian import collect_hessians
+from aespa.core.method import Method, register
+from aespa.core.options import option
+from aespa.core.pipeline import BlockContext
+from aespa.core.sweep import gptq_sweep
 
 
 @register("gptq")
 class GPTQ(Method):
-    def __init__(self, spec, options=None):
-        super().__init__(spec, options)
-        unknown = sorted(set(self.options) - set(DEFAULTS))
-        if unknown:
-            raise UserError(f"unknown gptq option(s) {', '.join(unknown)}; allowed: {', '.join(DEFAULTS)}")
-        opts = {**DEFAULTS, **self.options}
-        check_sweep_options(opts["blocksize"], opts["percdamp"])
-        for flag in ("act_order", "static_groups", "true_sequential"):
-            if not isinstance(opts[flag], bool):
-                raise UserError(f"gptq option {flag}={opts[flag]!r} is not allowed; use true or false")
-        self.percdamp, self.blocksize = float(opts["percdamp"]), opts["blocksize"]
-        self.act_order, self.static_groups = opts["act_order"], opts["static_groups"]
-        self.true_sequential = opts["true_sequential"]
+    @dataclass(frozen=True)
+    class Options:
+        percdamp: float = option(0.01, "damping added to H's diagonal, as a fraction of its mean diagonal",
+                                 positive=True)
+        blocksize: int = option(128, "columns per lazy-batch block (speed only, except where group_size < "
+                                     "blocksize)", low=1)
+        act_order: bool = option(False, "visit columns in decreasing H_jj (the reference README recommends it for "
+                                        "LLaMA)")
+        static_groups: bool = option(False, "with group_size: group grids fixed on the original weights before "
+                                            "the sweep")
+        true_sequential: bool = option(True, "re-collect each group's Hessian after the earlier groups of the "
+                                             "block are quantized")
 
-    def quantize_block(self, ctx) -> None:
+    def quantize_block(self, ctx: BlockContext) -> None:
+        o = self.options
         linears = ctx.block.linears()
-        for role, linear in linears.items():
-            check_group_size(linear.in_features, self.spec.group_size, f"{role} of block {ctx.index}")
-        stages = [g.roles for g in ctx.block.groups] if self.true_sequential else [tuple(linears)]
+        stages = [g.roles for g in ctx.block.groups] if o.true_sequential else [tuple(linears)]
         for roles in stages:
             with ctx.phase("hessian"):
                 hessians = collect_hessians(ctx, roles)
             with ctx.phase("sweep"):
                 for role in roles:
                     result = gptq_sweep(linears[role].weight.data, hessians.pop(role), bits=self.spec.bits,
-                                        sym=self.spec.sym, group_size=self.spec.group_size,
-                                        blocksize=self.blocksize, percdamp=self.percdamp, act_order=self.act_order,
-                                        static_groups=self.static_groups)
+                                        sym=self.spec.sym, group_size=self.spec.group_size, blocksize=o.blocksize,
+                                        percdamp=o.percdamp, act_order=o.act_order, static_groups=o.static_groups)
                     ctx.set_weight(role, result.weight_q, result.grid)
-                    if result.damping > self.percdamp * (1 + 1e-6):
-                        ctx.notes.append(f"gptq {role}: Cholesky failed at percdamp={self.percdamp}; "
-                                         f"used {result.damping:g}" + (" (rounded to nearest)"
-                                                                       if result.damping == float("inf") else ""))
+                    if result.damping > o.percdamp * (1 + 1e-6):
+                        ctx.note(f"gptq {role}: Cholesky failed at percdamp={o.percdamp}; "
+                                 f"used {result.damping:g}" + (" (rounded to nearest)"
+                                                               if result.damping == float("inf") else ""))

@@ -28,7 +28,7 @@ LLaMA-2 W4A4 script also lowers the LET lr to 1e-3 (not the default here).
 
 Deviations from the reference code (stated on purpose):
 
-- LET is applied by one function (``aespa.transforms``) both while training and when
+- LET is applied by one function (``aespa.core.transforms``) both while training and when
   folding. The reference's OPT training path applies a norm→linear transform to the
   v → out_proj pair (dividing v's *input* columns) while its final folding divides v's
   output rows; here training and folding both use the correct row-wise v → o transform.
@@ -47,19 +47,31 @@ Deviations from the reference code (stated on purpose):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from aespa.actquant import install_activation_quantizers
-from aespa.errors import UserError
-from aespa.pipeline import block_output
-from aespa.quant import Grid, check_group_size, round_ste
-from aespa.registry import Method, register
-from aespa.transforms import (BlockTransform, ChannelTransform, expand_kv, fold, input_channel_statistics,
-                              norm_fed_groups, query_key_channels, query_key_scale, reduce_kv,
-                              smoothing_scale, transformed_parameters)
+from aespa.core.actquant import install_activation_quantizers
+from aespa.core.errors import UserError
+from aespa.core.grid import Grid, round_ste
+from aespa.core.method import Method, register
+from aespa.core.observe import block_output
+from aespa.core.options import option
+from aespa.core.pipeline import BlockContext
+from aespa.core.transforms import (
+    BlockTransform,
+    ChannelStatistics,
+    ChannelTransform,
+    fold,
+    norm_fed_groups,
+    query_key_channels,
+    query_key_scale,
+    reduce_kv,
+    smoothing_scale,
+    transformed_parameters,
+)
 
 LWC_INIT = 4.0  # σ(4) ≈ 0.982: about 1.8 % clipping at the start
 SCALE_FLOOR = 1e-2  # |s| below this is set to ±1e-2 before every use (reference, against fp16 overflow)
@@ -106,35 +118,38 @@ class LearnableClipping(nn.Module):
         return (codes - zero) * scale
 
 
-def _switch(value, name: str):
-    if value in ("auto", None) or isinstance(value, bool):
-        return value
-    raise UserError(f"omniquant {name}={value!r} is not allowed; use auto, true or false")
-
-
 @register("omniquant")
 class OmniQuant(Method):
     needs_fp_stream = True
     supports_act_quant = True
 
+    @dataclass(frozen=True)
+    class Options:
+        lwc: bool = option(True, "learnable weight clipping: two logits per row (or group), init 4.0")
+        let: bool | str = option("auto", "learnable equivalent transformation; auto = the paper's choice: "
+                                         "weight-activation on; weight-only on for OPT, off for the LLaMA family",
+                                 choices=("auto", True, False))
+        shift: bool | str = option("auto", "LET channel shift; auto = on for weight-activation runs on families "
+                                           "whose norms have a bias (OPT), off otherwise (the reference's rule)",
+                                   choices=("auto", True, False))
+        epochs: int | None = option(None, "passes over the calibration set per block; null = 20 (40 at bits=2), "
+                                          "the paper's scripts", low=0)
+        lwc_lr: float = option(1e-2, "AdamW learning rate of the LWC logits (code/README value)", positive=True)
+        let_lr: float = option(5e-3, "AdamW learning rate of the LET scales/shifts (weight decay 0, batch 1)",
+                               positive=True)
+        alpha: float | None = option(None, "SmoothQuant migration strength of the LET scale init; null = the "
+                                           "scripts' 0.75 at W4A4, 0.5 otherwise", low=0, high=1)
+        aug_loss: bool = option(False, "also match the FP block on the quantized-stream inputs (--aug_loss; the "
+                                       "scripts use it for LLaMA W2, LLaMA-1 W4A4)")
+
     def __init__(self, spec, options=None):
         super().__init__(spec, options)
         o = self.options
-        self.lwc = bool(o.get("lwc", True))
-        self.let = _switch(o.get("let", "auto"), "let")
-        self.shift = _switch(o.get("shift", "auto"), "shift")
-        epochs = o.get("epochs")
-        self.epochs = (40 if spec.bits == 2 else 20) if epochs is None else int(epochs)
-        self.lwc_lr, self.let_lr = float(o.get("lwc_lr", 1e-2)), float(o.get("let_lr", 5e-3))
-        alpha = o.get("alpha")  # the scripts: 0.75 at W4A4, 0.5 otherwise
-        self.alpha = (0.75 if spec.act_bits <= 4 else 0.5) if alpha is None else float(alpha)
-        self.aug_loss = bool(o.get("aug_loss", False))
-        if self.epochs < 0:
-            raise UserError(f"omniquant epochs={self.epochs} is not allowed; use 0 (no training) or more")
-        if self.lwc_lr <= 0 or self.let_lr <= 0:
-            raise UserError(f"omniquant learning rates must be positive, got lwc_lr={self.lwc_lr}, let_lr={self.let_lr}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise UserError(f"omniquant alpha={self.alpha} is not allowed; use a migration strength in [0, 1]")
+        self.lwc, self.let, self.shift = o.lwc, o.let, o.shift
+        self.epochs = (40 if spec.bits == 2 else 20) if o.epochs is None else o.epochs
+        self.lwc_lr, self.let_lr = o.lwc_lr, o.let_lr
+        self.alpha = (0.75 if spec.act_bits <= 4 else 0.5) if o.alpha is None else o.alpha
+        self.aug_loss = o.aug_loss
         self.history: list[dict] = []  # per block: mean loss of the first and last epoch
 
     # ------------------------------------------------------------------ which parts are on
@@ -155,20 +170,19 @@ class OmniQuant(Method):
 
     # ------------------------------------------------------------------ the algorithm
 
-    def quantize_block(self, ctx) -> None:
+    def quantize_block(self, ctx: BlockContext) -> None:
         block = ctx.block
         linears = block.linears()
-        for role, linear in linears.items():
-            check_group_size(linear.in_features, self.spec.group_size, f"{role} of block {ctx.index}")
         use_let, use_shift = self.uses_let(block), self.uses_shift(block)
         if not (self.lwc or use_let) and self.epochs > 0:
-            raise UserError("omniquant with lwc=false and no LET has nothing to train; enable lwc or let, or set epochs=0")
+            raise UserError("omniquant with lwc=false and no LET has nothing to train; enable lwc or let, "
+                            "or set epochs=0")
 
         with ctx.phase("statistics"):
             stats = None
             if use_let:
-                stats = input_channel_statistics(block, lambda: ctx.run(ctx.fp_inputs),
-                                                 ["o", *LET_REFERENCE_CONSUMER.values()])
+                stats = ChannelStatistics()
+                ctx.observe(ctx.fp_inputs, on_input=stats.hooks(["o", *LET_REFERENCE_CONSUMER.values()]))
             aug_targets = ctx.run(ctx.inputs) if self.aug_loss else None  # FP block on the quantized stream
         if not self.spec.weight_only:
             install_activation_quantizers(block, self.spec.act_bits)
@@ -223,7 +237,7 @@ class OmniQuant(Method):
             params[name] = clipping[role].fake_quantize(params.get(name, linear.weight))
         return params
 
-    def train_block(self, ctx, let_params, clipping, aug_targets) -> None:
+    def train_block(self, ctx: BlockContext, let_params, clipping, aug_targets) -> None:
         block = ctx.block
         scales = [p for k, p in let_params.items() if k.endswith(".scale")]
         groups = [{"params": list(let_params.values()), "lr": self.let_lr}]
@@ -238,7 +252,8 @@ class OmniQuant(Method):
         for p, _ in frozen:
             p.requires_grad_(False)
         n = ctx.inputs.shape[0]
-        epoch_losses = []
+        epoch_losses: list[float] = []
+        last_good: list[torch.Tensor] = []  # the parameters of the last step with a finite loss
         try:
             for epoch in range(self.epochs):
                 total = 0.0
@@ -253,15 +268,15 @@ class OmniQuant(Method):
                     if aug_targets is not None:
                         loss = loss + nn.functional.mse_loss(out, aug_targets[j : j + 1].to(ctx.device))
                     if not math.isfinite(loss.item()):
-                        if epoch == 0 and j == 0:
+                        if not last_good:
                             kept = "the initial parameters"
                         else:
                             kept = "the parameters of the last finite step"
                             with torch.no_grad():
                                 for p, good in zip(trained, last_good):
                                     p.copy_(good)
-                        ctx.notes.append(f"omniquant: non-finite loss ({loss.item()}) at epoch {epoch}, sample {j}; "
-                                         f"training of this block stopped, {kept} kept")
+                        ctx.note(f"omniquant: non-finite loss ({loss.item()}) at epoch {epoch}, sample {j}; "
+                                 f"training of this block stopped, {kept} kept")
                         return
                     last_good = [p.detach().clone() for p in trained]
                     optimizer.zero_grad(set_to_none=True)

@@ -10,10 +10,10 @@ Per block:
    weight maximum over **all** consumers of that input (q, k, v concatenated; gate+up),
    clamped to >= 1e-5 — as ``smoothquant/smooth.py`` does.
 3. Fold: norm gain (and bias) divided by s, consumer columns multiplied by s
-   (``aespa.transforms``). out_proj/o and fc2/down are not smoothed.
+   (``aespa.core.transforms``). out_proj/o and fc2/down are not smoothed.
 4. Weights: per-channel (or group-wise) min-max RTN on the shared grid; activations:
    per-token dynamic asymmetric min-max on every linear input and on Q, K, V
-   (``aespa.actquant``), softmax output in full precision — the setting in which
+   (``aespa.core.actquant``), softmax output in full precision — the setting in which
    OmniQuant (§4.1) and QLLM (§5) reproduce SmoothQuant at W6A6/W4A4.
 
 Deviations: the official code calibrates on 512 Pile documents and quantizes W8A8 with
@@ -22,13 +22,16 @@ quantizers are the shared asymmetric ones of the W6A6/W4A4 tables.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from aespa.actquant import install_activation_quantizers
-from aespa.errors import UserError
-from aespa.quant import check_group_size, minmax_grid
-from aespa.registry import Method, register
-from aespa.transforms import input_channel_statistics, norm_fed_groups, scale_norm_inputs, smoothing_scale
+from aespa.core.actquant import install_activation_quantizers
+from aespa.core.grid import minmax_grid
+from aespa.core.method import Method, register
+from aespa.core.options import option
+from aespa.core.pipeline import BlockContext
+from aespa.core.transforms import ChannelStatistics, norm_fed_groups, scale_norm_inputs, smoothing_scale
 
 
 @register("smoothquant")
@@ -36,27 +39,26 @@ class SmoothQuant(Method):
     needs_fp_stream = True
     supports_act_quant = True
 
-    def __init__(self, spec, options=None):
-        super().__init__(spec, options)
-        self.alpha = float(self.options.get("alpha", 0.5))
-        if not 0.0 <= self.alpha <= 1.0:
-            raise UserError(f"smoothquant alpha={self.alpha} is not allowed; use a migration strength in [0, 1]")
+    @dataclass(frozen=True)
+    class Options:
+        alpha: float = option(0.5, "migration strength (reference default; its README uses 0.85 for LLaMA-2)",
+                              low=0, high=1)
 
-    def quantize_block(self, ctx) -> None:
+    def quantize_block(self, ctx: BlockContext) -> None:
         block = ctx.block
         groups = norm_fed_groups(block)
         with ctx.phase("statistics"):
-            stats = input_channel_statistics(block, lambda: ctx.run(ctx.fp_inputs), [g.roles[0] for g in groups])
+            stats = ChannelStatistics()
+            ctx.observe(ctx.fp_inputs, on_input=stats.hooks([g.roles[0] for g in groups]))
         with ctx.phase("smooth"), torch.no_grad():
             scales = {}
             for g in groups:
                 w_max = torch.stack([block.linear(r).weight.float().abs().amax(dim=0) for r in g.roles]).amax(dim=0)
-                scales[g.feeder] = smoothing_scale(stats.absmax[g.roles[0]], w_max, self.alpha)
+                scales[g.feeder] = smoothing_scale(stats.absmax[g.roles[0]], w_max, self.options.alpha)
             scale_norm_inputs(block, scales)
         with ctx.phase("round"):
             for role, linear in block.linears().items():
                 w = linear.weight.data.float()
-                check_group_size(w.shape[1], self.spec.group_size, f"{role} of block {ctx.index}")
                 grid = minmax_grid(w, self.spec.bits, self.spec.sym, self.spec.group_size)
                 ctx.set_weight(role, grid.fake_quantize(w), grid)
         if not self.spec.weight_only:

@@ -9,7 +9,8 @@ Per decoder block:
    linear, the value projection included).
 2. Per output channel, the clipping of the min-max range minimising tr(ΔW H ΔWᵀ),
    alternated with a per-input-channel factor ζ shared by the linears that read the same
-   normalised input (q/k/v; up/gate or fc1) and folded into the norm before them.
+   normalised input (q/k/v; fc1 on OPT) and folded into the norm before them (and into the
+   rows of v and up/fc1 for o and down/fc2; ``aespa.method.zfold_groups``).
 3. OPTQ (the GPTQ column sweep, ``act_order``) on that refined grid; its rounding is kept.
 
 It is aespa with the two attention-aware parts switched off, so it shares every step with
@@ -17,10 +18,17 @@ It is aespa with the two attention-aware parts switched off, so it shares every 
 """
 from __future__ import annotations
 
-from aespa.method import DEFAULTS, Aespa
-from aespa.registry import register
+from dataclasses import dataclass
+
+from aespa.core.method import register
+from aespa.core.options import option
+from aespa.method import Aespa
 
 
 @register("zfold")
 class ZFold(Aespa):
-    defaults = {**DEFAULTS, "block_v": False, "learn_rounding": False}
+    @dataclass(frozen=True)
+    class Options(Aespa.Options):
+        block_v: bool = option(False, "the value projection uses the layer-wise Hessian E[X Xᵀ]; true: aespa's "
+                                      "attention-weighted one")
+        learn_rounding: bool = option(False, "OPTQ's rounding is kept; true: aespa's learned rounding")

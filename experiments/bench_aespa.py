@@ -10,7 +10,9 @@ attention-weighted value Hessian, query/key covariances), ``qparams`` (clipping 
 Z-Fold), ``optq_init`` (GPTQ sweep on the refined grid), ``rounding`` (AdaRound). Only
 ``statistics`` should grow with the number of calibration windows: every later phase
 reads the pre-computed statistics (aespa §3.4, Table 7). Calibration on the model's
-default set; nothing is evaluated or recorded.
+default set; nothing is evaluated or recorded. Each configuration is composed by Hydra from
+``conf/`` as ``run.py`` composes it; the command line is argparse because the benchmark
+loops over models and calibration sizes and prints one table.
 """
 from __future__ import annotations
 
@@ -19,28 +21,27 @@ import os
 import time
 
 import torch
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_dir
 
-from aespa.adapters import ModelAdapter
-from aespa.pipeline import quantize_model
-from aespa.registry import QuantSpec, get_method
-from experiments.data import DataCache, calibration_windows
-from experiments.runner import REPO, in_repo, load_model, resolve_device, seed_everything
+from aespa.core.pipeline import quantize_model
+from experiments.runner import REPO, DataCache, DataSource, in_repo, load, resolve_device, seed_everything, validate
+from experiments.tables import markdown_table
 
 PHASES = ("statistics", "qparams", "optq_init", "rounding")
 
 
 def bench(model_name: str, nsamples: int, bits: int, iters: int, device: torch.device) -> dict:
-    card = OmegaConf.load(os.path.join(REPO, "conf", "model", f"{model_name}.yaml"))
-    options = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(os.path.join(REPO, "conf", "method",
-                                                                                   "aespa.yaml"))).items()
-               if k != "name"} | {"iters": iters}
-    seed_everything(0)
-    model, tokenizer = load_model(card.path, torch.float32)
-    calibration = calibration_windows(card.calib, tokenizer, nsamples, card.seqlen, 0, DataCache(in_repo(".cache/data")))
-    method = get_method("aespa")(QuantSpec(bits=bits), options)
+    with initialize_config_dir(config_dir=os.path.join(REPO, "conf"), version_base="1.3"):
+        overrides = [f"model={model_name}", "method=aespa", f"bits={bits}", f"nsamples={nsamples}",
+                     f"method.iters={iters}", "dtype=float32"]
+        cfg = compose(config_name="config", overrides=overrides)
+    method = validate(cfg)
+    seed_everything(cfg.seed)
+    model, tokenizer, adapter, seqlen = load(cfg, method)
+    calibration = DataSource(DataCache(in_repo(cfg.cache_dir)), dict(cfg.data_paths or {}), tokenizer,
+                             seqlen).calibration(cfg.calib.dataset, nsamples, cfg.seed)
     start = time.perf_counter()
-    result = quantize_model(ModelAdapter(model), method, calibration, device, progress=False)
+    result = quantize_model(adapter, method, calibration, device, progress=False)
     return {"model": model_name, "nsamples": nsamples, **{p: result.phases.get(p, 0.0) for p in PHASES},
             "total": time.perf_counter() - start}
 
@@ -58,10 +59,8 @@ def main(argv=None) -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"aespa W{args.bits}, {args.iters} rounding iterations, on {name}; seconds summed over blocks")
     header = ["model", "nsamples", *PHASES, "total"]
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for r in rows:
-        print("| " + " | ".join([r["model"], str(r["nsamples"])] + [f"{r[k]:.1f}" for k in (*PHASES, "total")]) + " |")
+    print(markdown_table(header, [[r["model"], r["nsamples"]] + [f"{r[k]:.1f}" for k in (*PHASES, "total")]
+                                  for r in rows]))
 
 
 if __name__ == "__main__":

@@ -38,23 +38,34 @@ core 4·B·L²·d per block); aespa's loss 2·out·in² (+ 2·d_h·out·in for q
 one-shot Hessian (2·N·in², once per input group), inverse (in³) and sweep (2·out·in²);
 RTN's elementwise rounding (≈ 4·out·in). Loss FLOPs count the forward only; the backward
 of an iterative method costs about twice as much, for both, so ratios hold.
+
+Its command line is its own (argparse) rather than Hydra's: it orchestrates several runs
+and reports on them; every run it starts is composed by Hydra from ``conf/`` exactly as
+``run.py`` composes it (extra ``KEY=VALUE`` overrides pass through).
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import math
+import logging
 import multiprocessing as mp
 import os
 import sys
 from dataclasses import dataclass
 
-from aespa.errors import UserError
+import pandas as pd
+
+from aespa.core.errors import UserError
+from aespa.core.method import get_method
+from aespa.core.options import defaults
+from experiments.methods import load_methods
+from experiments.tables import markdown_table
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+log = logging.getLogger("bench_cost")
 CONF = os.path.join(REPO, "conf")
-METHODS = ("rtn", "gptq", "aespa", "brecq", "omniquant")  # benchmarked when registered and configured
-LABELS = {"none": "full precision", "rtn": "RTN", "gptq": "OPTQ (GPTQ)", "aespa": "aespa", "brecq": "BRECQ", "omniquant": "OmniQuant",
+METHODS = ("rtn", "gptq", "aespa", "brecq", "omniquant")  # benchmarked by default (when registered)
+LABELS = {"none": "full precision", "rtn": "RTN", "gptq": "OPTQ (GPTQ)", "aespa": "aespa", "brecq": "BRECQ",
+          "omniquant": "OmniQuant",
           "zfold": "Z-FOLD"}
 CPU_BRECQ_BUDGETS = (25, 100)  # iterations per block when no GPU runs the default
 
@@ -98,7 +109,7 @@ def model_shapes(model_path: str):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from aespa.adapters import ModelAdapter
+    from aespa.core.adapters import ModelAdapter
     from experiments.runner import in_repo
 
     local = in_repo(model_path)
@@ -148,23 +159,16 @@ def run_isolated(overrides: list[str], threads: int | None = None) -> dict:
 
 
 def available_methods(requested: list[str] | None) -> list[str]:
-    from aespa.registry import METHODS as REGISTERED, get_method
-
-    get_method("none")  # imports every method module
-    configured = [m for m in REGISTERED if os.path.exists(os.path.join(CONF, "method", f"{m}.yaml"))]
+    registered = load_methods()
     if requested is None:
-        return [m for m in METHODS if m in configured]
+        return [m for m in METHODS if m in registered]
     for name in requested:
         get_method(name)
-        if name not in configured:
-            raise UserError(f"method {name!r} has no conf/method/{name}.yaml; allowed: {', '.join(configured)}")
     return requested
 
 
 def method_defaults(name: str) -> dict:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(OmegaConf.load(os.path.join(CONF, "method", f"{name}.yaml")))
+    return defaults(get_method(name).Options)
 
 
 @dataclass
@@ -248,16 +252,11 @@ def main_table(rows: list[Row], n_blocks: int, flops: list[dict]) -> list[dict]:
 
 def markdown(table: list[dict], columns: list[str] | None = None) -> str:
     columns = columns or list(table[0])
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in table]
-    return "\n".join(lines)
+    return markdown_table(columns, [[row[c] for c in columns] for row in table])
 
 
 def write_csv(path: str, table: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(table[0]))
-        writer.writeheader()
-        writer.writerows(table)
+    pd.DataFrame(table).to_csv(path, index=False)
 
 
 def plot_ppl_vs_time(rows: list[Row], table: list[dict], path: str, title: str) -> str:
@@ -311,6 +310,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[bench_cost] %(message)s")
     try:
         return bench(args)
     except UserError as e:
@@ -351,12 +351,11 @@ def bench(args) -> int:
         runs = [(b, [f"method.iters={b}"]) for b in budgets] if name == "brecq" else [(None, [])]
         for iters, extra in runs:
             extra = options.get(name, []) + extra
-            print(f"[bench_cost] {args.model} W{args.bits}: {name}" + (f" ({iters} iterations/block)" if iters else ""),
-                  flush=True)
+            log.info(f"{args.model} W{args.bits}: {name}" + (f" ({iters} iterations/block)" if iters else ""))
             try:
                 record = run_isolated(common + [f"method={name}", *extra], args.threads)
             except RuntimeError as e:
-                print(f"[bench_cost] {name} failed: {e}", file=sys.stderr, flush=True)
+                log.error(f"{name} failed: {e}")
                 continue
             if iters is None and name == "aespa":
                 iters = record["config"]["method"].get("iters")
@@ -367,7 +366,7 @@ def bench(args) -> int:
     if brecq_runs and max(r.iters for r in brecq_runs) < brecq_default:
         rows.append(projected_brecq(max(brecq_runs, key=lambda r: r.iters), brecq_default, n_blocks))
 
-    batch = method_defaults("brecq")["batch_size"] if "brecq" in methods else 4
+    batch = method_defaults("brecq")["windows_per_step"] if "brecq" in methods else 4
     flops = layer_flops(layers, geometry.hidden_size, geometry.head_dim, batch, seqlen, nsamples * seqlen)
     table = main_table(rows, n_blocks, flops)
     per_head = loss_flops(geometry.hidden_size, geometry.head_dim, batch, seqlen)
@@ -380,8 +379,8 @@ def bench(args) -> int:
         f", {env['threads']} CPU threads" if env["device"] == "cpu" else "")
     title = (f"{args.model} W{args.bits}: quantization time (Table 14 layout) on {device_name}, "
              f"{nsamples} x {seqlen} calibration tokens, {n_blocks} blocks")
-    flop_table = [{"layer": r["layer"], "shape": r["shape"], **{m: f"{r[m] / 1e6:.3g}" for m in ("brecq", "aespa", "gptq", "rtn")}}
-                  for r in flops]
+    flop_table = [{"layer": r["layer"], "shape": r["shape"],
+                   **{m: f"{r[m] / 1e6:.3g}" for m in ("brecq", "aespa", "gptq", "rtn")}} for r in flops]
     text = "\n".join([
         f"### {title}", "",
         markdown(table, [c for c in table[0] if c != "time_s"]) if table else "(no run finished)", "",

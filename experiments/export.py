@@ -15,7 +15,7 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from aespa.adapters import ModelAdapter
+from aespa.core.adapters import ModelAdapter
 
 
 def save_quantized(model, tokenizer, result, cfg, folder: str) -> str:
@@ -27,13 +27,11 @@ def save_quantized(model, tokenizer, result, cfg, folder: str) -> str:
     for key, grid in result.grids.items():
         block, role = key.split(".")
         weight = adapter.block(int(block)).linear(role).weight.detach().float().cpu()
-        grid_cpu = type(grid)(grid.scale.cpu(), grid.zero.cpu(), grid.bits, grid.group_size,
-                              None if grid.col_scale is None else grid.col_scale.cpu())
+        grid_cpu = grid.to("cpu")
         tensors[f"{key}.codes"] = grid_cpu.quantize(weight).to(torch.uint8)
-        tensors[f"{key}.scale"] = grid_cpu.scale.contiguous()
-        tensors[f"{key}.zero"] = grid_cpu.zero.contiguous()
-        if grid.col_scale is not None:
-            tensors[f"{key}.col_scale"] = grid_cpu.col_scale.contiguous()
+        for name, value in grid_cpu.to_dict().items():
+            if torch.is_tensor(value):
+                tensors[f"{key}.{name}"] = value.contiguous().clone()  # q, k, v share one ζ tensor
     if tensors:
         save_file(tensors, os.path.join(folder, "quantization.safetensors"))
     with open(os.path.join(folder, "quantization.json"), "w") as f:

@@ -8,7 +8,7 @@ for. The variant multiplies the gain (and bias) of every norm feeding linears
 (attn-norm → q, k, v; mlp-norm → fc1 | gate, up) by ``factor`` on ``channels`` fixed
 channels, chosen once with ``seed`` and shared by every block (as real outlier channels
 are), and divides the matching input columns of the consuming linears by ``factor``
-(``aespa.transforms``). The full-precision function is unchanged (up to float rounding).
+(``aespa.core.transforms``). The full-precision function is unchanged (up to float rounding).
 
 It is **not a real model**: its compensating weight columns are ``factor`` times smaller
 than the rest, so weight-only rounding hurts it more than it would hurt a real LLM. Use
@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from aespa.adapters import ModelAdapter
-from aespa.errors import UserError
-from aespa.transforms import norm_fed_groups, scale_norm_inputs
+from aespa.core.adapters import ModelAdapter
+from aespa.core.errors import UserError
+from aespa.core.transforms import norm_fed_groups, scale_norm_inputs
 
 
 def outlier_channels(hidden_size: int, channels: int, seed: int) -> torch.Tensor:

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import socket
 import subprocess
-import tempfile
+from pathlib import Path
+
+from aespa.core.io import atomic_write
+
+log = logging.getLogger(__name__)
 
 # keys of the resolved config that do not change a run's result ("experiment": the paper-table
 # bookkeeping of conf/experiment/*.yaml, whose effect is in the top-level keys it sets)
@@ -34,46 +39,35 @@ def record_path(results_dir: str, rid: str) -> str:
     return os.path.join(results_dir, f"{rid}.json")
 
 
-def atomic_write(path: str, write) -> None:
-    """``write(file)`` into a unique temporary file next to ``path`` (binary), fsync, rename
-    over ``path``: readers and concurrent writers never see a partial file. Unique names,
-    not a PID (jobs on two nodes of a shared file system can have the same one). The
-    temporary name starts with ``.tmp-``, which every reader skips."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_record(path: str, record: dict) -> None:
     """Write a run record atomically (see ``atomic_write``)."""
     atomic_write(path, lambda f: f.write(json.dumps(record, indent=2, default=str).encode()))
 
 
-def read_records(folder: str) -> list[dict]:
-    out = []
-    for root, _, files in os.walk(folder):
-        for f in sorted(files):
-            if f.endswith(".json") and not f.startswith("."):
-                with open(os.path.join(root, f)) as fh:
-                    out.append(json.load(fh))
-    return out
+def read_records(folder: str | os.PathLike) -> list[dict]:
+    """Every run record (a JSON object with ``schema`` and ``run_id``) under ``folder``,
+    recursively, in path order. Temporary files (``.tmp-*``) and other JSON (e.g. wandb's)
+    are skipped; an unreadable or truncated file is skipped with one warning line naming
+    it. A missing folder means no runs yet."""
+    records = []
+    for path in sorted(Path(folder).rglob("*.json")) if Path(folder).is_dir() else []:
+        if path.name.startswith("."):
+            continue
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            log.warning(f"skipping unreadable record {path}: {' '.join(str(e).split())}")
+            continue
+        if isinstance(record, dict) and "schema" in record and "run_id" in record:
+            records.append(record)
+    return records
 
 
 def git_commit(repo: str) -> str | None:
     try:
         sha = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
         return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if sha.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None

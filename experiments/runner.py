@@ -1,30 +1,36 @@
-"""One run: config -> model -> calibration -> block-sequential quantization ->
-evaluation -> record.
+"""One run: validate -> load -> calibrate -> quantize -> evaluate -> record.
 
 ``run(cfg)`` takes the resolved Hydra config (see ``conf/config.yaml``) and returns
 the record it wrote under ``results_dir``.
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
 import platform
 import random
 import resource
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
-from aespa.adapters import ModelAdapter, register_attention
-from aespa.errors import UserError
-from aespa.pipeline import perplexity, quantize_model
-from aespa.quant import check_group_size
-from aespa.registry import QuantSpec, act_quant_methods, get_method
+from aespa.core.adapters import ModelAdapter
+from aespa.core.attention import register_attention
+from aespa.core.checkpoint import BlockCheckpoint
+from aespa.core.errors import UserError
+from aespa.core.evaluation import perplexity
+from aespa.core.method import Method, QuantSpec, act_quant_methods, get_method
+from aespa.core.pipeline import QuantizeResult, quantize_model
 from experiments import records
-from experiments.resume import BlockCheckpoint
 from experiments.data import CALIBRATION_SETS, TEST_SETS, DataCache, calibration_windows, evaluation_windows
+from experiments.methods import load_methods
+
+log = logging.getLogger(__name__)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
@@ -58,8 +64,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def validate(cfg) -> None:
-    """Checks that need no model: one clear line per mistake."""
+def validate(cfg) -> Method:
+    """Checks that need no model: one clear line per mistake. Returns the method, its
+    options parsed and checked."""
     if cfg.bits not in WEIGHT_BITS:
         raise UserError(f"bits={cfg.bits} is not supported; allowed: 2..8, or 16 (not quantized)")
     if cfg.act_bits not in ACT_BITS:
@@ -70,6 +77,7 @@ def validate(cfg) -> None:
         raise UserError(f"nsamples must be positive, got {cfg.nsamples}")
     if cfg.seqlen is not None and cfg.seqlen <= 1:
         raise UserError(f"seqlen must be at least 2, got {cfg.seqlen}")
+    load_methods()
     method_cls = get_method(cfg.method.name)
     if cfg.act_bits < 16 and not method_cls.supports_act_quant:
         allowed = ", ".join(act_quant_methods()) or "none yet"
@@ -79,21 +87,26 @@ def validate(cfg) -> None:
     for ds in cfg.eval.datasets:
         if ds not in TEST_SETS:
             raise UserError(f"unknown dataset {ds!r}; allowed: {', '.join(TEST_SETS)}")
+    spec = QuantSpec(bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, act_bits=cfg.act_bits)
+    options = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "name"}
+    method = method_cls(spec, options)
+    if cfg.bits >= 16 and cfg.act_bits >= 16:  # nothing to quantize: the full-precision model
+        return get_method("none")(spec)
+    return method
 
 
-def validate_model(adapter: ModelAdapter, cfg, seqlen: int) -> None:
+def validate_model(adapter: ModelAdapter, method: Method, seqlen: int) -> None:
+    """Checks that need the model (its context, its widths): one clear line per mistake."""
     context = getattr(adapter.model.config, "max_position_embeddings", None)
     if context is not None and seqlen > context:
         raise UserError(f"seqlen={seqlen} exceeds the model's context of {context} positions; allowed: 2..{context}")
-    if cfg.bits < 16 and cfg.group_size != -1:
-        for role, lin in adapter.block(0).linears().items():
-            check_group_size(lin.in_features, cfg.group_size, f"the {role} projection")
+    method.check(adapter)
 
 
 # --------------------------------------------------------------------------- loading
 
 
-def load_model(path: str, dtype: torch.dtype):
+def load_model(path: str, dtype: torch.dtype) -> tuple:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -129,92 +142,38 @@ def peak_rss_bytes() -> int:
 
 def run(cfg, config_dict: dict | None = None) -> dict:
     """Quantize, evaluate and record one configuration; returns the record."""
-    from omegaconf import OmegaConf
-
     config = config_dict if config_dict is not None else OmegaConf.to_container(cfg, resolve=True)
-    validate(cfg)
+    method = validate(cfg)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    results_dir = in_repo(cfg.results_dir)
     rid = records.run_id(config)
-    path = records.record_path(results_dir, rid)
+    path = records.record_path(in_repo(cfg.results_dir), rid)
     if os.path.exists(path) and not cfg.force:
-        print(f"skip: a record of this configuration exists ({path}); force=true reruns it")
+        print(f"skip: a record of this configuration exists ({path}); force=true reruns it", flush=True)
         return _load(path)
 
     seed_everything(cfg.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model, tokenizer = load_model(cfg.model.path, dtype)
-    adapter = ModelAdapter(model)
-    if cfg.model.get("outliers"):  # the outlier variant of a model (experiments/outliers.py)
-        from experiments.outliers import plant_outliers
-
-        plant_outliers(adapter, **cfg.model.outliers)
-    seqlen = cfg.seqlen or cfg.model.seqlen
-    validate_model(adapter, cfg, seqlen)
-    cache = DataCache(in_repo(cfg.cache_dir))
-    paths = dict(cfg.data_paths or {})
-
-    spec = QuantSpec(bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, act_bits=cfg.act_bits)
-    method_name = cfg.method.name if cfg.bits < 16 or cfg.act_bits < 16 else "none"
-    method = get_method(method_name)(spec, {k: v for k, v in config["method"].items() if k != "name"})
+    model, tokenizer, adapter, seqlen = load(cfg, method)
+    data = DataSource(DataCache(in_repo(cfg.cache_dir)), dict(cfg.data_paths or {}), tokenizer, seqlen)
 
     t0 = time.perf_counter()
-    checkpoint = None
-    if method_name != "none":
-        calibration = calibration_windows(cfg.calib.dataset, tokenizer, cfg.nsamples, seqlen, cfg.seed, cache, paths)
-        checkpoint = BlockCheckpoint(in_repo(cfg.checkpoint_dir), rid) if cfg.resume else None
-        result = quantize_model(adapter, method, calibration, device, cfg.batch_size, dtype, checkpoint=checkpoint,
-                                progress=cfg.progress)
-    else:
-        from aespa.pipeline import QuantizeResult
-
-        result = QuantizeResult()
+    result = quantize(cfg, method, adapter, data, device, dtype, rid)
     quantize_s = time.perf_counter() - t0 + result.earlier_s  # a resumed run counts its earlier segments too
 
     t1 = time.perf_counter()
-    ppl = {}
-    for ds in cfg.eval.datasets:
-        windows = evaluation_windows(ds, tokenizer, seqlen, cache, paths)
-        if cfg.eval.get("max_windows"):
-            windows = windows[: cfg.eval.max_windows]
-        ppl[ds] = perplexity(adapter, windows, device, cfg.batch_size, dtype, progress=cfg.progress, desc=f"ppl {ds}")
-    zeroshot = {}
-    if cfg.eval.get("zeroshot"):
-        from experiments.zeroshot import evaluate_zeroshot
-
-        zeroshot = evaluate_zeroshot(model, tokenizer, cfg.eval, device)
+    metrics = evaluate(cfg, model, tokenizer, adapter, data, device, dtype)
     eval_s = time.perf_counter() - t1
 
-    record = {
-        "schema": 1, "run_id": rid, "status": "ok",
-        "model": cfg.model.name, "family": adapter.family.name, "method": method_name,
-        "w_bits": cfg.bits, "a_bits": cfg.act_bits, "group_size": cfg.group_size, "sym": cfg.sym, "seed": cfg.seed,
-        "calib": {"dataset": cfg.calib.dataset, "nsamples": cfg.nsamples, "seqlen": seqlen},
-        "metrics": {"ppl": ppl, "zeroshot": zeroshot},
-        "time": {"quantize_s": round(quantize_s, 3), "eval_s": round(eval_s, 3),
-                 "phases": {k: round(v, 3) for k, v in result.phases.items()}},
-        "memory": {"peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
-                   "peak_rss_bytes": peak_rss_bytes()},
-        "env": {"device": device.type,
-                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-                "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": _version("transformers"),
-                "python": platform.python_version(), "git_commit": records.git_commit(REPO), "hostname": records.hostname()},
-        "config": config,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "notes": result.notes,
-    }
-    for name, value in ppl.items():
-        if not np.isfinite(value):
-            record["notes"].append(f"perplexity on {name} is not finite")
+    record = make_record(cfg, config, rid, method, adapter, seqlen, metrics, result, quantize_s, eval_s, device)
     if cfg.save:
         from experiments.export import save_quantized
 
-        record["saved_to"] = save_quantized(model, tokenizer, result, cfg, in_repo(cfg.save_dir or f"results/models/{rid}"))
+        folder = in_repo(cfg.save_dir or f"results/models/{rid}")
+        record["saved_to"] = save_quantized(model, tokenizer, result, cfg, folder)
     records.write_record(path, record)
-    if checkpoint is not None:
-        checkpoint.remove()
+    BlockCheckpoint(in_repo(cfg.checkpoint_dir), rid).remove()
     if cfg.logger.name == "wandb":
         from experiments.wandb_logger import log_wandb
 
@@ -223,9 +182,91 @@ def run(cfg, config_dict: dict | None = None) -> dict:
     return record
 
 
-def _load(path):
-    import json
+def load(cfg, method: Method) -> tuple:
+    """The model (its outlier variant where the model config asks for it), its tokenizer,
+    its family adapter and the window length; checked against the method."""
+    model, tokenizer = load_model(cfg.model.path, resolve_dtype(cfg.dtype, resolve_device(cfg.device)))
+    adapter = ModelAdapter(model)
+    if cfg.model.get("outliers"):  # the outlier variant of a model (experiments/outliers.py)
+        from experiments.outliers import plant_outliers
 
+        plant_outliers(adapter, **cfg.model.outliers)
+    seqlen = cfg.seqlen or cfg.model.seqlen
+    validate_model(adapter, method, seqlen)
+    return model, tokenizer, adapter, seqlen
+
+
+class DataSource:
+    """Where a run's windows come from: the tokenizer, the window length, local files and the cache."""
+
+    def __init__(self, cache: DataCache, paths: dict, tokenizer, seqlen: int):
+        self.cache, self.paths, self.tokenizer, self.seqlen = cache, paths, tokenizer, seqlen
+
+    def calibration(self, dataset: str, nsamples: int, seed: int) -> torch.Tensor:
+        return calibration_windows(dataset, self.tokenizer, nsamples, self.seqlen, seed, self.cache, self.paths)
+
+    def test(self, dataset: str) -> torch.Tensor:
+        return evaluation_windows(dataset, self.tokenizer, self.seqlen, self.cache, self.paths)
+
+
+def quantize(cfg, method: Method, adapter: ModelAdapter, data: DataSource, device, dtype, rid: str) -> QuantizeResult:
+    """Calibration windows, then the block-sequential pipeline (resuming a killed run of
+    this configuration from its checkpoint)."""
+    if method.name == "none":
+        return QuantizeResult()
+    calibration = data.calibration(cfg.calib.dataset, cfg.nsamples, cfg.seed)
+    checkpoint = BlockCheckpoint(in_repo(cfg.checkpoint_dir), rid) if cfg.resume else None
+    return quantize_model(adapter, method, calibration, device, cfg.batch_size, dtype, checkpoint=checkpoint,
+                          progress=cfg.progress)
+
+
+def evaluate(cfg, model, tokenizer, adapter: ModelAdapter, data: DataSource, device, dtype) -> dict:
+    """Perplexity on every test set of ``eval.datasets``; zero-shot accuracy on ``eval.zeroshot``."""
+    ppl = {}
+    for ds in cfg.eval.datasets:
+        windows = data.test(ds)
+        if cfg.eval.get("max_windows"):
+            windows = windows[: cfg.eval.max_windows]
+        ppl[ds] = perplexity(adapter, windows, device, cfg.batch_size, dtype, progress=cfg.progress, desc=f"ppl {ds}")
+    zeroshot = {}
+    if cfg.eval.get("zeroshot"):
+        from experiments.zeroshot import evaluate_zeroshot
+
+        zeroshot = evaluate_zeroshot(model, tokenizer, cfg.eval, device)
+    return {"ppl": ppl, "zeroshot": zeroshot}
+
+
+def make_record(cfg, config: dict, rid: str, method: Method, adapter: ModelAdapter, seqlen: int, metrics: dict,
+                result: QuantizeResult, quantize_s: float, eval_s: float, device: torch.device) -> dict:
+    """The run's record (``experiments.records``; README, "What a run prints and writes")."""
+    record = {
+        "schema": 1, "run_id": rid, "status": "ok",
+        "model": cfg.model.name, "family": adapter.family.name, "method": method.name,
+        "w_bits": cfg.bits, "a_bits": cfg.act_bits, "group_size": cfg.group_size, "sym": cfg.sym, "seed": cfg.seed,
+        "calib": {"dataset": cfg.calib.dataset, "nsamples": cfg.nsamples, "seqlen": seqlen},
+        "metrics": metrics,
+        "time": {"quantize_s": round(quantize_s, 3), "eval_s": round(eval_s, 3),
+                 "phases": {k: round(v, 3) for k, v in result.phases.items()}},
+        "memory": {"peak_device_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
+                   "peak_rss_bytes": peak_rss_bytes()},
+        "env": {"device": device.type,
+                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
+                platform.processor() or platform.machine(),
+                "threads": torch.get_num_threads(), "torch": torch.__version__,
+                "transformers": _version("transformers"),
+                "python": platform.python_version(), "git_commit": records.git_commit(REPO),
+                "hostname": records.hostname()},
+        "config": config,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "notes": list(result.notes),
+    }
+    for name, value in metrics["ppl"].items():
+        if not np.isfinite(value):
+            record["notes"].append(f"perplexity on {name} is not finite")
+    return record
+
+
+def _load(path: str) -> dict:
     with open(path) as f:
         return json.load(f)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import statistics
 import sys
@@ -26,7 +27,10 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from experiments.records import read_records
+
 REPO = Path(__file__).resolve().parents[1]
+log = logging.getLogger(__name__)
 METRICS = ("ppl", "acc", "time_min", "time_h", "memory_gb", "rss_gb")
 SPEC_KEYS = {"title", "caption", "models", "metric", "datasets", "measures", "methods", "settings", "fp16_row",
              "where", "paper"}
@@ -115,27 +119,10 @@ def table_rows(spec: dict) -> list[dict]:
 # ----------------------------------------------------------------------------- records
 
 def load_records(runs_dir: Path) -> list[dict]:
-    """Every run record (a JSON object with ``schema`` and ``run_id``) under ``runs_dir``, recursively.
-
-    Temporary files (``.tmp-*``) and other JSON (e.g. wandb files) are skipped; an unreadable file is
-    reported on stderr and skipped. A missing folder means no runs yet.
-    """
-    runs_dir = Path(runs_dir)
-    if not runs_dir.is_dir():
-        print(f"no records folder {runs_dir}: every 'ours' cell is {MISSING}", file=sys.stderr)
-        return []
-    records = []
-    for path in sorted(runs_dir.rglob("*.json")):
-        if path.name.startswith("."):
-            continue
-        try:
-            rec = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            print(f"skipping unreadable record {path}: {e}", file=sys.stderr)
-            continue
-        if isinstance(rec, dict) and "schema" in rec and "run_id" in rec:
-            records.append(rec)
-    return records
+    """The run records under ``runs_dir`` (``experiments.records.read_records``)."""
+    if not Path(runs_dir).is_dir():
+        log.warning(f"no records folder {runs_dir}: every 'ours' cell is {MISSING}")
+    return read_records(runs_dir)
 
 
 def lookup(record: dict, dotted: str):
@@ -270,9 +257,9 @@ def build_table(spec: dict, records: list[dict], paper_dir: Path = REPO / "resul
         for model in spec["models"]:
             mine, left_out = seeds_of_one_setting([r for r in matched if r.get("model") == model])
             if left_out:
-                print(f"{spec.get('title', 'table')}: {row['setting']} {row['method']} on {model}: {left_out} record(s) "
-                      f"of another setting left out (the last run setting is shown; narrow with where:)",
-                      file=sys.stderr)
+                log.warning(f"{spec.get('title', 'table')}: {row['setting']} {row['method']} on {model}: "
+                            f"{left_out} record(s) of another setting left out (the last run setting is shown; "
+                            "narrow with where:)")
             for measure in spec["measures"]:
                 pairs = [(r["run_id"], record_value(r, measure)) for r in mine]
                 values = [v for _, v in pairs if v is not None]
@@ -339,15 +326,20 @@ def legend(spec: dict) -> str:
     return text
 
 
+def markdown_table(header: list[str], body: list[list]) -> str:
+    """A Markdown table (cells as text, ``|`` escaped); every table this project prints."""
+    cell = lambda c: str(c).replace("|", "\\|")
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(cell(c) for c in row) + " |" for row in body])
+
+
 def render_markdown(spec: dict, cells: pd.DataFrame) -> str:
     """The table as Markdown, with its title, caption and legend."""
     header, body = grid(spec, cells)
     lines = [f"### {spec['title']}", ""]
     if spec.get("caption"):
         lines += [spec["caption"].strip(), ""]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "---|" * len(header))
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
+    lines.append(markdown_table(header, body))
     return "\n".join(lines + ["", legend(spec), ""])
 
 
@@ -391,6 +383,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Build the named tables (all by default); user errors print one line and return 2."""
     args = parse_args(argv)
+    logging.basicConfig(format="%(message)s")
     try:
         allowed = spec_names(args.conf)
         unknown = [n for n in args.names if n not in allowed]

@@ -100,7 +100,8 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", choices=["opt", "llama"], required=True)
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the committed model's recipe, RECIPES)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps (default: the committed model's recipe, RECIPES)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--context", type=int, default=1024, help="max_position_embeddings")
@@ -108,7 +109,8 @@ def main(argv=None):
     p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay on matrices (default: RECIPES)")
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: unaffected by other jobs on the machine)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1: unaffected by other jobs on the machine)")
     p.add_argument("--out", default=None, help="output folder (default assets/tiny-<arch>)")
     args = p.parse_args(argv)
     for key, value in RECIPES[args.arch].items():  # unset knobs reproduce the committed model
@@ -119,7 +121,8 @@ def main(argv=None):
 
     out = args.out or os.path.join(ASSETS, f"tiny-{args.arch}")
     tok_dir = os.path.join(ASSETS, "tokenizer")
-    tok = AutoTokenizer.from_pretrained(tok_dir) if os.path.exists(os.path.join(tok_dir, "tokenizer.json")) else train_tokenizer(tok_dir)
+    have_tokenizer = os.path.exists(os.path.join(tok_dir, "tokenizer.json"))
+    tok = AutoTokenizer.from_pretrained(tok_dir) if have_tokenizer else train_tokenizer(tok_dir)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -130,8 +133,8 @@ def main(argv=None):
 
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95))
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(args.seed)
     model.train()
     start = time.time()
@@ -157,13 +160,16 @@ def main(argv=None):
         shutil.copy(os.path.join(tok_dir, f), out)
     # measure what was saved: fp16 weights, computed in fp32
     saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    ppl = {s: perplexity(saved, torch.tensor(tok(wikivital_text(s))["input_ids"]), args.seqlen) for s in ("validation", "test")}
+    ppl = {s: perplexity(saved, torch.tensor(tok(wikivital_text(s))["input_ids"]), args.seqlen)
+           for s in ("validation", "test")}
     card = {
         "arch": args.arch, "parameters": n_params, "steps": args.steps, "batch": args.batch, "seqlen": args.seqlen,
         "tokens_seen": args.steps * args.batch * args.seqlen, "lr": args.lr, "warmup": args.warmup,
-        "schedule": "linear warm-up, cosine decay to 10 %", "optimizer": f"AdamW(0.9, 0.95), weight decay {args.weight_decay:g} on matrices",
+        "schedule": "linear warm-up, cosine decay to 10 %",
+        "optimizer": f"AdamW(0.9, 0.95), weight decay {args.weight_decay:g} on matrices",
         "precision": "bf16 autocast, fp32 master weights, saved fp16", "seed": args.seed,
-        "wall_time_s": round(wall, 1), "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "wall_time_s": round(wall, 1),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__, "ppl_validation": round(ppl["validation"], 3), "ppl_test": round(ppl["test"], 3),
     }
     with open(os.path.join(out, "training.json"), "w") as f:

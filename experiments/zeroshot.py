@@ -2,7 +2,7 @@
 
 The model object the pipeline quantized is wrapped as it is in lm-eval's ``HFLM``, so
 fake-quantized weights and any activation quantizers a method installed
-(:mod:`aespa.actquant`) are what lm-eval scores. Each task is scored zero-shot by the
+(:mod:`aespa.core.actquant`) are what lm-eval scores. Each task is scored zero-shot by the
 log-likelihood of every choice's continuation given the context:
 
 - ``acc``: the choice with the highest summed log-likelihood is the prediction;
@@ -25,7 +25,7 @@ import os
 
 import yaml
 
-from aespa.errors import UserError
+from aespa.core.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS_DIR = os.path.join(REPO, "experiments", "tasks")

@@ -10,6 +10,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("WANDB_MODE", "offline")
 
+from experiments.methods import load_methods  # noqa: E402  (after the offline environment above)
+
+load_methods()  # every method registered, and offered to Hydra as method=<name>
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSETS = os.path.join(REPO, "assets")
 
@@ -31,7 +34,7 @@ def random_model(arch: str, layers: int = 2, seed: int = 0):
     """A small randomly initialised model of a family (hidden 64), ptq attention."""
     from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
 
-    from aespa.adapters import register_attention
+    from aespa.core.attention import register_attention
 
     torch.manual_seed(seed)
     if arch == "opt":

@@ -8,12 +8,18 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from aespa.actquant import QKVQuantizer, QuantInputLinear, install_activation_quantizers, remove_activation_quantizers
-from aespa.adapters import ModelAdapter
-from aespa.errors import UserError
-from aespa.pipeline import capture_inputs, perplexity, quantize_model
-from aespa.registry import QuantSpec, get_method
-from aespa.transforms import norm_fed_groups
+from aespa.core.actquant import (
+    QKVQuantizer,
+    QuantInputLinear,
+    install_activation_quantizers,
+    remove_activation_quantizers,
+)
+from aespa.core.adapters import ModelAdapter
+from aespa.core.errors import UserError
+from aespa.core.evaluation import perplexity
+from aespa.core.method import QuantSpec, get_method
+from aespa.core.pipeline import quantize_model
+from aespa.core.transforms import norm_fed_groups
 from experiments.outliers import plant_outliers
 from tests.conftest import REPO, load, random_model
 

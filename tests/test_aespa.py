@@ -8,17 +8,26 @@ import os
 
 import pytest
 import torch
-
-from aespa.adapters import AttentionHook, ModelAdapter, apply_rotary
-from aespa.adaround import (RoundingRegularizer, hard_quantized_weight, init_rounding, inverse_rectified_sigmoid,
-                            rectified_sigmoid, soft_quantized_weight)
-from aespa.errors import UserError
-from aespa.pipeline import BlockContext, capture_inputs, perplexity, quantize_model
-from aespa.quant import Grid, minmax_grid, minmax_range
-from aespa.registry import QuantSpec, get_method
-from aespa.statistics import QuadraticObjective, RunningSecondMoment, collect_block_statistics
-from aespa.zfold import find_zeta, hessian_weighted_grid, weighted_error, zfold
 from conftest import ASSETS, random_model
+
+from aespa.core.adapters import ModelAdapter
+from aespa.core.attention import AttentionHook, apply_rotary
+from aespa.core.errors import UserError
+from aespa.core.evaluation import perplexity
+from aespa.core.grid import Grid, minmax_grid, minmax_range
+from aespa.core.method import QuantSpec, get_method
+from aespa.core.pipeline import BlockContext, capture_inputs, quantize_model
+from aespa.core.rounding import (
+    RoundingRegularizer,
+    hard_quantized_weight,
+    init_rounding,
+    inverse_rectified_sigmoid,
+    rectified_sigmoid,
+    soft_quantized_weight,
+)
+from aespa.method import zfold_groups
+from aespa.qparams import find_zeta, hessian_weighted_grid, weighted_error, zfold
+from aespa.statistics import QuadraticObjective, RunningSecondMoment, collect_block_statistics
 
 
 def block_context(arch: str, windows: int, tokens: int = 16, seed: int = 0, layers: int = 1):
@@ -26,7 +35,7 @@ def block_context(arch: str, windows: int, tokens: int = 16, seed: int = 0, laye
     adapter = ModelAdapter(model)
     ids = torch.randint(0, 512, (windows, tokens), generator=torch.Generator().manual_seed(seed))
     inputs, kwargs = capture_inputs(adapter, ids, "cpu", batch_size=2)
-    return adapter, BlockContext(adapter.block(0), inputs, kwargs, torch.device("cpu"), torch.float32, batch_size=2)
+    return adapter, BlockContext([adapter.block(0)], inputs, kwargs, torch.device("cpu"), torch.float32, batch_size=2)
 
 
 def observed(ctx, weights: dict | None = None):
@@ -152,7 +161,7 @@ def test_objective_gradients_are_exact():
         "query": (QuadraticObjective(h, cov), lambda d: sum(torch.trace(cov[i] @ d[4 * i:4 * i + 4] @ h @
                                                                          d[4 * i:4 * i + 4].T) for i in range(3))),
     }
-    for name, (objective, trace) in explicit.items():
+    for objective, trace in explicit.values():
         ours, = torch.autograd.grad(objective(delta), delta)
         theirs, = torch.autograd.grad(trace(delta), delta)
         torch.testing.assert_close(objective(delta), trace(delta))
@@ -186,12 +195,12 @@ def test_tiny_llama_statistics_shapes(tiny_llama):
     adapter = ModelAdapter(model)
     ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
     inputs, kwargs = capture_inputs(adapter, ids, "cpu")
-    ctx = BlockContext(adapter.block(0), inputs, kwargs, torch.device("cpu"), torch.float32)
+    ctx = BlockContext([adapter.block(0)], inputs, kwargs, torch.device("cpu"), torch.float32)
     stats = collect_block_statistics(ctx)
     assert stats.value_hessian.shape == (2, 256, 256)
     assert stats.key_covariance.shape == (8, 32, 32) and stats.query_covariance.shape == (2, 32, 32)
     assert stats.hessians["down"].shape == (704, 704)
-    assert adapter.block(0).zfold_groups() == (("q", "k", "v"), ("down",))  # o does not fold under GQA
+    assert zfold_groups(adapter.block(0)) == (("q", "k", "v"), ("down",))  # o does not fold under GQA
 
 
 # --------------------------------------------------------------------------- quantization parameters
@@ -323,7 +332,7 @@ def test_every_switch_quantizes_every_linear_onto_its_grid(arch, switches):
         grid = result.grids[f"0.{role}"]
         w = linear.weight.data
         torch.testing.assert_close(grid.fake_quantize(w), w, rtol=0, atol=1e-5)
-        folds = switches.get("use_zfold", True) and any(role in z for z in adapter.block(0).zfold_groups())
+        folds = switches.get("use_zfold", True) and any(role in z for z in zfold_groups(adapter.block(0)))
         assert (grid.col_scale is not None) == folds
     if switches.get("use_zfold", True):
         assert torch.equal(result.grids["0.q"].col_scale, result.grids["0.v"].col_scale)

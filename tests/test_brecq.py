@@ -6,12 +6,13 @@ import math
 import pytest
 import torch
 
-from aespa.adapters import ModelAdapter
-from aespa.adaround import hard_quantized_weight
-from aespa.errors import UserError
-from aespa.pipeline import capture_inputs, quantize_model, run_block
-from aespa.quant import minmax_grid
-from aespa.registry import QuantSpec, get_method
+from aespa.core.adapters import ModelAdapter
+from aespa.core.errors import UserError
+from aespa.core.grid import minmax_grid
+from aespa.core.method import QuantSpec, get_method
+from aespa.core.observe import run_block
+from aespa.core.pipeline import capture_inputs, quantize_model
+from aespa.core.rounding import hard_quantized_weight
 from baselines.brecq import lp_search_grid
 from experiments.bench_cost import loss_flops
 from tests.conftest import random_model
@@ -110,7 +111,7 @@ def test_brecq_lowers_block_output_error_below_rtn_and_its_start(arch, bits):
 
 def test_brecq_options_are_checked():
     brecq = get_method("brecq")
-    for bad in ({"scale_method": "minmax"}, {"iters": -1}, {"batch_size": 0}, {"lr": 0}, {"warmup": 1.0},
+    for bad in ({"scale_method": "minmax"}, {"iters": -1}, {"windows_per_step": 0}, {"lr": 0}, {"warmup": 1.0},
                 {"unknown": 1}):
         with pytest.raises(UserError):
             brecq(QuantSpec(bits=2), bad)
@@ -137,7 +138,7 @@ def brecq_memory(layers: int, batch: int, scan: bool = True) -> tuple[list[int],
     model, ids = random_model("opt", layers), calibration()
     adapter = ModelAdapter(model)
     kept = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), ids]}
-    method = get_method("brecq")(QuantSpec(bits=2), {"iters": 2, "batch_size": batch})
+    method = get_method("brecq")(QuantSpec(bits=2), {"iters": 2, "windows_per_step": batch})
     resident, saved = [], []
     quantize_block = method.quantize_block
 

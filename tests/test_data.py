@@ -4,7 +4,7 @@ import importlib.util
 import pytest
 import torch
 
-from aespa.errors import UserError
+from aespa.core.errors import UserError
 from experiments import data
 
 

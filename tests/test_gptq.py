@@ -6,15 +6,16 @@ import os
 
 import pytest
 import torch
-
-from aespa.adapters import ModelAdapter
-from aespa.errors import UserError
-from aespa.gptq import gptq_sweep
-from aespa.hessian import HessianAccumulator, collect_hessians, inverse_cholesky_upper, prepare_hessian
-from aespa.pipeline import BlockContext, capture_inputs, perplexity, quantize_model
-from aespa.quant import minmax_grid, round_to_nearest
-from aespa.registry import QuantSpec, get_method
 from conftest import ASSETS, random_model
+
+from aespa.core.adapters import ModelAdapter
+from aespa.core.errors import UserError
+from aespa.core.evaluation import perplexity
+from aespa.core.grid import minmax_grid, round_to_nearest
+from aespa.core.hessian import HessianAccumulator, collect_hessians, inverse_cholesky_upper, prepare_hessian
+from aespa.core.method import QuantSpec, get_method
+from aespa.core.pipeline import BlockContext, capture_inputs, quantize_model
+from aespa.core.sweep import gptq_sweep
 
 
 def correlated_problem(seed: int, rows: int = 24, cols: int = 64, tokens: int = 512, dead=()):
@@ -193,7 +194,7 @@ def test_collect_hessians_hooks_the_block_inputs():
     adapter = ModelAdapter(model)
     ids = torch.randint(0, 512, (5, 16), generator=torch.Generator().manual_seed(0))
     inputs, kwargs = capture_inputs(adapter, ids, "cpu", batch_size=2)
-    ctx = BlockContext(adapter.block(0), inputs, kwargs, torch.device("cpu"), torch.float32, batch_size=2)
+    ctx = BlockContext([adapter.block(0)], inputs, kwargs, torch.device("cpu"), torch.float32, batch_size=2)
     hessians = collect_hessians(ctx, ["q", "k", "v", "o"])
     x = adapter.block(0).norm("attn_norm")(inputs).reshape(-1, 64)
     torch.testing.assert_close(hessians["q"], 2 / 5 * x.T @ x, rtol=1e-4, atol=1e-4)

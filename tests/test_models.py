@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from aespa.adapters import ModelAdapter
-from aespa.pipeline import perplexity
+from aespa.core.adapters import ModelAdapter
+from aespa.core.evaluation import perplexity
 from experiments.data import evaluation_windows
 from tests.conftest import ASSETS
 

@@ -9,16 +9,25 @@ import torch
 from omegaconf import OmegaConf
 from torch.func import functional_call
 
-from aespa.adapters import ModelAdapter
-from aespa.errors import UserError
-from aespa.pipeline import BlockContext, block_output, capture_inputs, perplexity, quantize_model, run_block
-from aespa.quant import Grid, grid_from_range
-from aespa.registry import QuantSpec, get_method
-from aespa.transforms import (BlockTransform, ChannelTransform, fold, norm_fed_groups, query_key_channels,
-                              query_key_scale, transformed_parameters)
+from aespa.core.adapters import ModelAdapter
+from aespa.core.errors import UserError
+from aespa.core.evaluation import perplexity
+from aespa.core.grid import Grid, grid_from_range
+from aespa.core.method import QuantSpec, get_method
+from aespa.core.observe import block_output, run_block
+from aespa.core.pipeline import BlockContext, capture_inputs, quantize_model
+from aespa.core.transforms import (
+    BlockTransform,
+    ChannelTransform,
+    fold,
+    norm_fed_groups,
+    query_key_channels,
+    query_key_scale,
+    transformed_parameters,
+)
 from baselines.omniquant import LWC_INIT, LearnableClipping, OmniQuant
 from experiments.outliers import plant_outliers
-from tests.conftest import REPO, load, random_model
+from tests.conftest import REPO, compose, load, random_model
 
 
 def random_norms(adapter, seed=0):
@@ -46,7 +55,7 @@ def block_context(arch, nsamples=2, seqlen=32, layers=1):
     block = adapter.block(0)
     with torch.no_grad():
         fp = run_block(block.module, x, kwargs, "cpu", torch.float32)
-    return BlockContext(block, x, kwargs, torch.device("cpu"), torch.float32, 8, x.clone(), fp), fp
+    return BlockContext([block], x, kwargs, torch.device("cpu"), torch.float32, 8, x.clone(), fp), fp
 
 
 # --------------------------------------------------------------------------- LET is exact
@@ -59,9 +68,10 @@ def test_learned_let_folds_exactly(arch):
     ctx, fp = block_context(arch)
     original = copy.deepcopy(ctx.block.module)
     method = OmniQuant(QuantSpec(bits=4, act_bits=4), {"epochs": 2, "let": True})
-    from aespa.transforms import input_channel_statistics
+    from aespa.core.transforms import ChannelStatistics
 
-    stats = input_channel_statistics(ctx.block, lambda: ctx.run(ctx.fp_inputs), ["o", "q", "up"])
+    stats = ChannelStatistics()
+    ctx.observe(ctx.fp_inputs, on_input=stats.hooks(["o", "q", "up"]))
     let = method.init_let(ctx.block, stats, method.uses_shift(ctx.block))
     assert ("attn_norm.shift" in let) == (arch == "opt")  # shift only for OPT weight-activation
     init = {k: v.detach().clone() for k, v in let.items()}
@@ -137,7 +147,7 @@ def test_lwc_at_init_is_minmax_rtn_on_the_clipped_range(group_size):
 
 def test_paper_defaults():
     opt, llama = (ModelAdapter(random_model(a, layers=1)).block(0) for a in ("opt", "llama"))
-    cfg = dict(OmegaConf.load(os.path.join(REPO, "conf", "method", "omniquant.yaml")))
+    cfg = dict(OmegaConf.to_container(compose("method=omniquant").method))  # the config a run gets
     cfg.pop("name")
     assert cfg["lwc_lr"] == 1e-2 and cfg["let_lr"] == 5e-3
     assert OmniQuant(QuantSpec(bits=2), cfg).epochs == 40

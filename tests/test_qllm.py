@@ -1,8 +1,7 @@
 """QLLM: channel disassembly is exact, assembly's distance is Eq. 5, the reassembled range is
 bounded by θ, the adaptive search keeps its best trial, the low-rank merge, folding and
-chunking are exact, a stopped run resumes inside a chunk, and QLLM beats RTN at W4A4 on the
+chunking are exact, a run stopped after a chunk resumes bit-identical, and QLLM beats RTN at W4A4 on the
 outlier variant of tiny-llama."""
-import copy
 import os
 
 import pytest
@@ -10,17 +9,24 @@ import torch
 from omegaconf import OmegaConf
 from torch.nn import functional as F
 
-from aespa.adapters import ModelAdapter
-from aespa.errors import UserError
-from aespa.pipeline import capture_inputs, perplexity, quantize_model, run_block
-from aespa.quant import minmax_grid, quantize_activation
-from aespa.reassembly import (ReassembledLinear, identity, pair_distance, reassemble, search_threshold,
-                              threshold_candidates)
-from aespa.registry import QuantSpec, get_method
+from aespa.core.adapters import ModelAdapter
+from aespa.core.checkpoint import BlockCheckpoint
+from aespa.core.errors import UserError
+from aespa.core.evaluation import perplexity
+from aespa.core.grid import minmax_grid, quantize_activation
+from aespa.core.method import QuantSpec, get_method
+from aespa.core.observe import run_block
+from aespa.core.pipeline import BlockContext, capture_inputs, quantize_model
 from baselines.qllm import QLLM, LowRank, merge_low_rank
+from baselines.qllm.reassembly import (
+    ReassembledLinear,
+    pair_distance,
+    reassemble,
+    search_threshold,
+    threshold_candidates,
+)
 from experiments.outliers import plant_outliers
-from experiments.resume import BlockCheckpoint
-from tests.conftest import REPO, load, random_model
+from tests.conftest import REPO, compose, load, random_model
 
 
 def activation_with_outliers(tokens=64, channels=32, seed=0):
@@ -166,11 +172,12 @@ def test_finalize_requantizes_the_merged_weight():
         low_ranks[role] = LowRank(linear.out_features, linear.in_features, 4, 1.0)
         with torch.no_grad():
             low_ranks[role].B.normal_()
-    grids = method.finalize(block, fp_weights, {}, low_ranks)
+    ctx = BlockContext([block], torch.zeros(1, 1, 1), {}, torch.device("cpu"), torch.float32)
+    method.finalize(ctx, block, fp_weights, {}, low_ranks)
     for role, linear in block.linears().items():
         merged = fp_weights[role] + low_ranks[role].B @ low_ranks[role].A * 0.25
         assert torch.allclose(linear.weight, minmax_grid(merged, 4).fake_quantize(merged), atol=1e-6)
-        assert torch.allclose(grids[role].fake_quantize(merged), linear.weight, atol=1e-6)
+        assert torch.allclose(ctx.grids[f"0.{role}"].fake_quantize(merged), linear.weight, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- a block: exactness of the deployed form
@@ -190,8 +197,8 @@ def test_disassembled_block_and_its_folded_form_compute_the_same_function(arch):
     block = adapter.block(0)
     fp = run_block(block.module, x, kwargs, "cpu", torch.float32)
     method = QLLM(QuantSpec(bits=16), {"assembly": False})
-    maxima, _, _ = method.observe(block, x, type("ctx", (), {"kwargs": kwargs, "device": torch.device("cpu"),
-                                                             "dtype": torch.float32, "batch_size": 8})())
+    ctx = BlockContext([block], x, kwargs, torch.device("cpu"), torch.float32)
+    maxima, _, _ = method.observe(block, x, ctx)
     reassemblies = {g.feeder: reassemble(maxima[g.roles[0]], maxima[g.roles[0]].max().item() / 5)
                     for g, _, _ in method.points(block)}
     assert all(r.extra > 0 for r in reassemblies.values())
@@ -217,12 +224,11 @@ def test_threshold_search_runs_the_consuming_function():
     adapter, x, kwargs = block_with_outliers("llama")
     block = adapter.block(0)
     method = QLLM(QuantSpec(bits=4, act_bits=4), {})
-    ctx = type("ctx", (), {"kwargs": kwargs, "device": torch.device("cpu"), "dtype": torch.float32, "batch_size": 8})
+    ctx = BlockContext([block], x, kwargs, torch.device("cpu"), torch.float32)
     maxima, search_inputs, _ = method.observe(block, x, ctx)
-    notes = []
-    chosen = method.reassemble_block(block, maxima, search_inputs, kwargs, notes)
+    chosen = method.reassemble_block(block, maxima, search_inputs, kwargs, ctx)
     assert chosen["attn_norm"].extra > 0 and chosen["mlp_norm"].extra > 0
-    assert len(notes) == 3 and "attn_norm->q,k,v" in notes[0]
+    assert len(ctx.notes) == 3 and "block 0: qllm attn_norm->q,k,v" in ctx.notes[0]
 
 
 # --------------------------------------------------------------------------- chunks in the block pipeline
@@ -246,7 +252,6 @@ def test_chunks_of_blocks_cover_every_block(arch):
     adapter, method, result, _ = quantize_random(arch, {"blocks_per_chunk": 2, "epochs": 1})
     assert [h["blocks"] for h in method.history] == [[0, 1], [2]]
     assert len(result.grids) == 3 * len(adapter.block(0).linears())
-    assert not method.pending
     for i in range(3):
         for role, linear in adapter.block(i).linears().items():
             grid = result.grids[f"{i}.{role}"]
@@ -256,7 +261,7 @@ def test_chunks_of_blocks_cover_every_block(arch):
     assert chunked == single
 
 
-def test_a_run_stopped_inside_a_chunk_resumes_bit_identical(tmp_path):
+def test_a_run_stopped_after_a_chunk_resumes_bit_identical(tmp_path):
     options = {"blocks_per_chunk": 3, "epochs": 1}
     ref_adapter, _, ref_result, ref_ppl = quantize_random("llama", options, layers=4)
 
@@ -266,16 +271,17 @@ def test_a_run_stopped_inside_a_chunk_resumes_bit_identical(tmp_path):
     stopping = QLLM(QuantSpec(bits=4, act_bits=4), options)
     quantize_block = stopping.quantize_block
 
-    def stop_at_2(ctx):
-        if ctx.index == 2:
+    def stop_at_3(ctx):
+        assert [b.index for b in ctx.blocks] in ([0, 1, 2], [3])  # the pipeline hands over whole chunks
+        if ctx.index == 3:
             raise Stop
         quantize_block(ctx)
 
-    stopping.quantize_block = stop_at_2
+    stopping.quantize_block = stop_at_3
     checkpoint = BlockCheckpoint(str(tmp_path), "qllm")
     with pytest.raises(Stop):
         quantize_random("llama", options, layers=4, checkpoint=checkpoint, method=stopping)
-    assert checkpoint.progress()["next_block"] == 2  # block 2 of chunk 0-2 waits in the method's state
+    assert checkpoint.progress()["next_block"] == 3  # the chunk 0-2 is checkpointed as a whole
     adapter, _, result, ppl = quantize_random("llama", options, layers=4, checkpoint=checkpoint)
     assert ppl == ref_ppl
     ref, now = ref_adapter.model.state_dict(), adapter.model.state_dict()
@@ -294,7 +300,7 @@ def test_bad_options_fail_with_one_line():
 
 
 def test_paper_defaults():
-    cfg = dict(OmegaConf.load(os.path.join(REPO, "conf", "method", "qllm.yaml")))
+    cfg = dict(OmegaConf.to_container(compose("method=qllm").method))  # the config a run gets
     assert get_method(cfg.pop("name")) is QLLM
     m = QLLM(QuantSpec(bits=4, act_bits=4), cfg)
     assert (m.rank, m.alpha, m.lr, m.epochs, m.blocks_per_chunk, m.channel_ratio, m.distance) == (

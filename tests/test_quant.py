@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from aespa.errors import UserError
-from aespa.quant import Grid, minmax_grid, quantize_activation, round_to_nearest
+from aespa.core.errors import UserError
+from aespa.core.grid import Grid, minmax_grid, quantize_activation, round_to_nearest
 
 
 def test_asymmetric_per_channel_grid_exact():

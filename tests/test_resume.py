@@ -1,6 +1,7 @@
-"""Block checkpoints (experiments/resume.py): a run stopped in block k and rerun resumes at
+"""Block checkpoints (aespa/core/checkpoint.py): a run stopped in block k and rerun resumes at
 block k and ends bit-identical to an uninterrupted run, on small random models."""
 import json
+import logging
 import os
 import random
 import time
@@ -9,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from aespa.adapters import ModelAdapter
-from aespa.pipeline import perplexity, quantize_model
-from aespa.quant import minmax_grid
-from aespa.registry import Method, QuantSpec, get_method
-from experiments import resume
-from experiments.resume import BlockCheckpoint
+from aespa.core import checkpoint as resume
+from aespa.core.adapters import ModelAdapter
+from aespa.core.checkpoint import BlockCheckpoint
+from aespa.core.evaluation import perplexity
+from aespa.core.grid import minmax_grid
+from aespa.core.method import Method, QuantSpec, get_method
+from aespa.core.pipeline import quantize_model
 from tests.conftest import random_model
 
 N_BLOCKS = 4
@@ -82,16 +84,17 @@ def _assert_same_weights(a, b):
 
 
 @pytest.mark.parametrize("arch", ["opt", "llama"])
-def test_stopped_run_resumes_at_its_block_bit_identical(arch, tmp_path, capsys):
+def test_stopped_run_resumes_at_its_block_bit_identical(arch, tmp_path, caplog):
     ref_model, ref_result, ref_ppl = _quantize(arch, StatefulNoisyMethod())
     checkpoint = BlockCheckpoint(str(tmp_path), "run")
     with pytest.raises(Stop):
         _quantize(arch, StatefulNoisyMethod(stop_at=2), checkpoint)
     assert checkpoint.progress() == {"run_id": "run", "next_block": 2, "n_blocks": N_BLOCKS}
-    capsys.readouterr()
+    caplog.clear()
+    caplog.set_level(logging.INFO)
 
     model, result, ppl = _quantize(arch, StatefulNoisyMethod(), checkpoint)
-    assert "resuming at block 2 of 4" in capsys.readouterr().out
+    assert "resuming at block 2 of 4" in caplog.text
     _assert_same_weights(model, ref_model)
     assert ppl == ref_ppl
     assert result.grids.keys() == ref_result.grids.keys()
@@ -155,15 +158,14 @@ def test_each_block_is_written_once_and_nothing_is_left_over(tmp_path, monkeypat
     assert not os.path.exists(checkpoint.folder)
 
 
-def test_an_unreadable_checkpoint_starts_over_and_says_so(tmp_path, capsys):
+def test_an_unreadable_checkpoint_starts_over_and_says_so(tmp_path, caplog):
     checkpoint = BlockCheckpoint(str(tmp_path), "torn")
     with pytest.raises(Stop):
         _quantize("opt", StatefulNoisyMethod(stop_at=2), checkpoint)
     os.remove(checkpoint.block_path(1))
     ref_model, _, _ = _quantize("opt", StatefulNoisyMethod())
     model, _, _ = _quantize("opt", StatefulNoisyMethod(), checkpoint)
-    err = capsys.readouterr().err
-    assert "cannot read the checkpoint" in err and "starting over" in err
+    assert "cannot read the checkpoint" in caplog.text and "starting over" in caplog.text
     _assert_same_weights(model, ref_model)
     assert json.loads(open(os.path.join(checkpoint.folder, "progress.json")).read())["next_block"] == N_BLOCKS
 

@@ -7,10 +7,11 @@ import sys
 import pytest
 import torch
 
-from aespa.adapters import ModelAdapter
-from aespa.errors import UserError
-from aespa.pipeline import perplexity, quantize_model
-from aespa.registry import QuantSpec, get_method
+from aespa.core.adapters import ModelAdapter
+from aespa.core.errors import UserError
+from aespa.core.evaluation import perplexity
+from aespa.core.method import QuantSpec, get_method
+from aespa.core.pipeline import quantize_model
 from experiments.data import calibration_windows, evaluation_windows
 from experiments.runner import run
 from tests.conftest import REPO, compose

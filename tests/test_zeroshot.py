@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 
-from aespa.actquant import remove_activation_quantizers
-from aespa.adapters import ModelAdapter
-from aespa.pipeline import quantize_model
-from aespa.registry import QuantSpec, get_method
+from aespa.core.actquant import remove_activation_quantizers
+from aespa.core.adapters import ModelAdapter
+from aespa.core.method import QuantSpec, get_method
+from aespa.core.pipeline import quantize_model
 from experiments.runner import run
 from experiments.zeroshot import TASKS_DIR, evaluate_zeroshot, local_task_config
 from tests.conftest import compose, load

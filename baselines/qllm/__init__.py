@@ -8,7 +8,7 @@ takes what is left). When the pipeline reaches the first block of a chunk:
    ``max|x|`` of the input of every reassembly point over all calibration windows, the
    first ``search_samples`` windows of each block's input for the search, and the chunk's
    output (the target of step 4).
-2. **Adaptive channel reassembly** (§4.1, ``aespa.reassembly``) of the inputs of q/k/v,
+2. **Adaptive channel reassembly** (§4.1, ``baselines.qllm.reassembly``) of the inputs of q/k/v,
    of gate/up (fc1) and of down (fc2) — not of o, as in the reference: channel disassembly
    (Eq. 3), channel assembly by bipartite soft matching with the paper's pair distance
    (Eq. 5; ``distance: reference`` uses the official code's surrogate), and θ from the
@@ -18,7 +18,7 @@ takes what is left). When the pipeline reaches the first block of a chunk:
    the MLP product that feeds down, the output of down.
 3. Weights: per-channel (or group-wise) min-max round-to-nearest of the reassembled weights;
    activations: per-token fake quantization of every linear's input and of Q, K, V
-   (``aespa.actquant``), softmax output in full precision.
+   (``aespa.core.actquant``), softmax output in full precision.
 4. **Efficient error correction** (§4.2): a rank-``rank`` pair (A Kaiming-uniform, B zero,
    scaling α/r) on every linear of the chunk, ``Y = Q_a(X) (Q_w(W) + B A α/r)ᵀ``, trained with
    the weights frozen to minimise ``‖F_chunk(W, X_fp) − F_chunk(Ŵ, X_q)‖²``: the target is the
@@ -37,7 +37,7 @@ propagates is exactly the merged chunk's. Without EEC a chunk is one block.
 
 What the quantized model is: a standard model whose reassembled linears have a new input
 width and read their input through one parameter-free index map (a gather and an
-``index_add`` over channels; ``aespa.reassembly.ReassembledLinear``). The reassembly's
+``index_add`` over channels; ``baselines.qllm.reassembly.ReassembledLinear``). The reassembly's
 per-channel coefficients (``1/T`` of a disassembled channel, ``1/group size`` of a merged
 one) are folded into the op producing the activation: the gain (and bias) of the norm
 before q/k/v and before gate/up (fc1), and the rows (and bias) of up (fc1) before the MLP
@@ -67,22 +67,23 @@ Deviations from the reference code (stated on purpose):
 """
 from __future__ import annotations
 
-import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from aespa.actquant import install_activation_quantizers
-from aespa.adapters import BlockAdapter, LinearGroup
-from aespa.errors import UserError
-from aespa.pipeline import block_output, run_block
-from aespa.quant import Grid, check_group_size, minmax_grid, quantize_activation
-from aespa.reassembly import DISTANCES, ChannelReassembly, ReassembledLinear, pair_distance, search_threshold
-from aespa.registry import Method, register
-from aespa.transforms import ChannelTransform, input_channel_statistics, scale_norm, scale_output_rows
+from aespa.core.actquant import install_activation_quantizers
+from aespa.core.adapters import BlockAdapter, LinearGroup
+from aespa.core.errors import UserError
+from aespa.core.grid import minmax_grid, quantize_activation
+from aespa.core.method import Method, register
+from aespa.core.observe import block_output, observe_block
+from aespa.core.options import option
+from aespa.core.pipeline import BlockContext
+from aespa.core.transforms import ChannelStatistics, ChannelTransform, scale_norm, scale_output_rows
+from baselines.qllm.reassembly import DISTANCES, ChannelReassembly, ReassembledLinear, pair_distance, search_threshold
 
 REASSEMBLY_FEEDERS = ("attn_norm", "mlp_norm", "up")  # inputs of q/k/v, of gate/up (fc1), of down (fc2); not o
 FOLDS_INTO_UP_ROWS = ("swiglu", "relu")  # act(gate)·up and ReLU(fc1) commute with a positive row factor
@@ -111,86 +112,63 @@ def merge_low_rank(weight: torch.Tensor, low_rank: LowRank) -> torch.Tensor:
     return weight + low_rank.delta().detach()
 
 
-@dataclass
-class FinishedBlock:
-    """A quantized block waiting for the pipeline to reach it (or the current one)."""
-
-    block: BlockAdapter
-    grids: dict[str, Grid] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-
-class _Stop(Exception):
-    pass
-
-
-def _positive_int(options: dict, name: str, default: int) -> int:
-    value = options.get(name, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise UserError(f"qllm {name}={value!r} is not allowed; use a positive integer")
-    return value
-
-
 @register("qllm")
 class QLLM(Method):
     needs_fp_stream = True
     supports_act_quant = True
 
+    @dataclass(frozen=True)
+    class Options:
+        # adaptive channel reassembly (§4.1), at the inputs of q/k/v, gate/up (fc1) and down (fc2)
+        reassembly: bool = option(True, "false = no channel disassembly/assembly at all (the 'EEC only' ablation)")
+        assembly: bool = option(True, "merge as many similar channel pairs as disassembly added (CA); false = "
+                                      "disassembly only, inputs widen")
+        adaptive: bool = option(True, "θ with the smallest measured output error (Eq. 6); false = the smallest θ "
+                                      "channel_ratio allows")
+        channel_ratio: float = option(0.2, "at most this fraction of extra channels per reassembly point (all "
+                                           "reference scripts: 0.2)", low=0, high=1)
+        distance: str = option("paper", "channel-pair distance for assembly: paper (Eq. 5) | reference (the "
+                                        "official code's surrogate)", choices=DISTANCES)
+        search_samples: int = option(1, "calibration windows the θ search measures its error on (reference "
+                                        "--calibrate_bs 1)", low=1)
+        # efficient error correction (§4.2)
+        eec: bool = option(True, "false = reassembly + round-to-nearest only (the 'reassembly only' ablation)")
+        rank: int = option(4, "rank of the low-rank pair on every linear", low=1)
+        lora_alpha: float = option(1.0, "the pair's scaling is lora_alpha / rank (reference: 1 / 4)")
+        blocks_per_chunk: int = option(4, "consecutive blocks trained together (reference --num_layer 4); the last "
+                                          "chunk takes the rest", low=1)
+        epochs: int = option(10, "passes over the calibration windows per chunk (batch 1, random order)", low=0)
+        lr: float = option(5e-4, "AdamW learning rate, decayed linearly to 0 (scripts: 1e-4 for some LLaMA-2 "
+                                 "settings)", positive=True)
+        weight_decay: float = option(0.0, "AdamW weight decay", low=0)
+        train_norms: bool = option(True, "also train the norms' gains/biases and the linears' biases (reference: "
+                                         "mark_only_lora_as_trainable 'all')")
+
     def __init__(self, spec, options=None):
         super().__init__(spec, options)
         o = self.options
-        self.reassembly = bool(o.get("reassembly", True))
-        self.assembly = bool(o.get("assembly", True))
-        self.adaptive = bool(o.get("adaptive", True))
-        self.channel_ratio = float(o.get("channel_ratio", 0.2))
-        self.distance = o.get("distance", "paper")
-        self.search_samples = _positive_int(o, "search_samples", 1)
-        self.eec = bool(o.get("eec", True))
-        self.rank = _positive_int(o, "rank", 4)
-        self.alpha = float(o.get("lora_alpha", 1.0))
-        self.blocks_per_chunk = _positive_int(o, "blocks_per_chunk", 4)
-        self.epochs = int(o.get("epochs", 10))
-        self.lr = float(o.get("lr", 5e-4))
-        self.weight_decay = float(o.get("weight_decay", 0.0))
-        self.train_norms = bool(o.get("train_norms", True))
-        if self.distance not in DISTANCES:
-            raise UserError(f"qllm distance={self.distance!r} is not allowed; use one of: {', '.join(DISTANCES)}")
-        if not 0.0 <= self.channel_ratio <= 1.0:
-            raise UserError(f"qllm channel_ratio={self.channel_ratio} is not allowed; use a fraction in [0, 1]")
-        if self.epochs < 0 or self.lr <= 0:
-            raise UserError(f"qllm epochs={self.epochs}, lr={self.lr} are not allowed; use epochs >= 0 and lr > 0")
+        self.reassembly, self.assembly, self.adaptive = o.reassembly, o.assembly, o.adaptive
+        self.channel_ratio, self.distance, self.search_samples = o.channel_ratio, o.distance, o.search_samples
+        self.eec, self.rank, self.alpha = o.eec, o.rank, o.lora_alpha
+        self.blocks_per_chunk, self.epochs, self.lr = o.blocks_per_chunk, o.epochs, o.lr
+        self.weight_decay, self.train_norms = o.weight_decay, o.train_norms
         if self.reassembly and not self.assembly and spec.group_size != -1:
             raise UserError("qllm with assembly=false widens the reassembled inputs, which breaks group-wise weights; "
                             "use group_size=-1 or assembly=true")
         self.act_bits = None if spec.weight_only else spec.act_bits
-        self.adapter = None
-        self.pending: dict[int, FinishedBlock] = {}
         self.history: list[dict] = []  # per chunk: blocks, first/last epoch loss
-
-    def prepare(self, adapter, calibration) -> None:
-        self.adapter = adapter
 
     # ------------------------------------------------------------------ the pipeline's view
 
-    def quantize_block(self, ctx) -> None:
-        if ctx.index not in self.pending:
-            self.quantize_chunk(ctx)
-        finished = self.pending.pop(ctx.index)
-        if finished.block.module is not ctx.block.module:
-            self.move_into(finished.block, ctx.block, ctx.device)
-        ctx.grids.update(finished.grids)
-        ctx.notes.extend(finished.notes)
-
-    def chunk_end(self, index: int) -> int:
-        """The chunk of block ``index`` runs to the end of its nominal chunk (one block without EEC)."""
+    def span(self, index: int, n_blocks: int) -> int:
+        """A chunk runs to the end of its nominal chunk of ``blocks_per_chunk`` (one block without EEC)."""
         if not self.eec:
-            return index + 1
-        return min((index // self.blocks_per_chunk + 1) * self.blocks_per_chunk, len(self.adapter.blocks))
+            return 1
+        return min((index // self.blocks_per_chunk + 1) * self.blocks_per_chunk, n_blocks) - index
 
-    def quantize_chunk(self, ctx) -> None:
-        """Steps 1–5 for the chunk starting at ``ctx.block``; the results wait in ``pending``."""
-        blocks = [ctx.block] + [self.copy_block(j, ctx.device) for j in range(ctx.index + 1, self.chunk_end(ctx.index))]
-        finished = {b.index: FinishedBlock(b) for b in blocks}
+    def quantize_block(self, ctx: BlockContext) -> None:
+        """Steps 1–5 for the chunk ``ctx.blocks``."""
+        blocks = ctx.blocks
         kwargs = ctx.call_kwargs()
 
         with ctx.phase("statistics"):
@@ -205,37 +183,18 @@ class QLLM(Method):
             for b, (maxima, search_inputs) in zip(blocks, observed):
                 reassemblies[b.index] = {}
                 if self.reassembly:
-                    reassemblies[b.index] = self.reassemble_block(b, maxima, search_inputs, kwargs,
-                                                                  finished[b.index].notes)
+                    reassemblies[b.index] = self.reassemble_block(b, maxima, search_inputs, kwargs, ctx)
                 fp_weights[b.index] = self.install(b, reassemblies[b.index])
 
         low_ranks = {}
         if self.eec and self.epochs > 0:
             with ctx.phase("train"):
-                low_ranks = self.train_chunk(blocks, ctx.inputs, target, kwargs, finished[ctx.index].notes)
+                low_ranks = self.train_chunk(blocks, ctx.inputs, target, kwargs, ctx)
 
         with ctx.phase("merge"):
             for b in blocks:
-                finished[b.index].grids = self.finalize(b, fp_weights[b.index], reassemblies[b.index],
-                                                        {r: lr for (i, r), lr in low_ranks.items() if i == b.index})
-                if b.module is not ctx.block.module and ctx.device.type == "cuda":
-                    b.module.to("cpu")
-        self.pending.update(finished)
-
-    def copy_block(self, index: int, device) -> BlockAdapter:
-        """A full-precision copy of a later block of the chunk, on the device in fp32."""
-        module = copy.deepcopy(self.adapter.blocks[index]).to(device=device, dtype=torch.float32)
-        return BlockAdapter(module, self.adapter.family, self.adapter.geometry, index)
-
-    def move_into(self, finished: BlockAdapter, block: BlockAdapter, device) -> None:
-        """Give ``block`` the quantized linears, norms and attention quantizers of its copy."""
-        if self.act_bits is not None:
-            install_activation_quantizers(block, self.act_bits)
-        for role, linear in finished.linears().items():
-            block.set_linear(role, linear.to(device))
-        with torch.no_grad():
-            for role in block.family.norms:
-                block.norm(role).load_state_dict(finished.norm(role).state_dict())
+                self.finalize(ctx, b, fp_weights[b.index], reassemblies[b.index],
+                              {r: lr for (i, r), lr in low_ranks.items() if i == b.index})
 
     # ------------------------------------------------------------------ step 1: statistics
 
@@ -254,19 +213,18 @@ class QLLM(Method):
                 points.append((group, group.roles[-1], True))
         return points
 
-    def observe(self, block: BlockAdapter, fp_inputs: torch.Tensor, ctx):
+    def observe(self, block: BlockAdapter, fp_inputs: torch.Tensor, ctx: BlockContext):
         """Per-channel ``max|x|`` of every point's input over all windows, the windows the
         search runs on, and the block's full-precision output."""
-        outputs = []
-        run = lambda: outputs.append(run_block(block.module, fp_inputs, ctx.kwargs, ctx.device, ctx.dtype,  # noqa: E731
-                                               ctx.batch_size))
+        stats = ChannelStatistics()
         roles = [g.roles[0] for g, _, _ in self.points(block)] if self.reassembly else []
-        maxima = input_channel_statistics(block, run, roles).absmax
-        return maxima, fp_inputs[: self.search_samples].to(ctx.device), outputs[0]
+        outputs = ctx.observe(fp_inputs, block=block, on_input=stats.hooks(roles), stop=False)
+        return stats.absmax, fp_inputs[: self.search_samples].to(ctx.device), outputs
 
     # ------------------------------------------------------------------ step 2: reassembly
 
-    def reassemble_block(self, block, maxima, search_inputs, kwargs, notes) -> dict[str, ChannelReassembly]:
+    def reassemble_block(self, block: BlockAdapter, maxima, search_inputs, kwargs, ctx: BlockContext
+                         ) -> dict[str, ChannelReassembly]:
         result = {}
         for group, capture_role, capture_output in self.points(block):
             weights = {r: block.linear(r).weight.detach().float() for r in group.roles}
@@ -288,9 +246,9 @@ class QLLM(Method):
             chosen, trials = search_threshold(maxima[group.roles[0]], self.channel_ratio, error, distance,
                                               self.adaptive)
             result[group.feeder] = chosen
-            notes.append(f"qllm {group.feeder}->{','.join(group.roles)}: theta={chosen.threshold:.4g}, "
-                         f"+{chosen.extra} channels, {chosen.merged} merged, width {chosen.width} "
-                         f"({len(trials)} thresholds{' tried' if self.adaptive else ''})")
+            ctx.note(f"qllm {group.feeder}->{','.join(group.roles)}: theta={chosen.threshold:.4g}, "
+                     f"+{chosen.extra} channels, {chosen.merged} merged, width {chosen.width} "
+                     f"({len(trials)} thresholds{' tried' if self.adaptive else ''})", block=block)
         return result
 
     def quantize_weight(self, w: torch.Tensor) -> torch.Tensor:
@@ -311,8 +269,8 @@ class QLLM(Method):
                     if not isinstance(block.linear(role), ReassembledLinear):
                         block.set_linear(role, ReassembledLinear(block.linear(role), self.act_bits))
 
-    def resume_block(self, block: BlockAdapter) -> None:
-        """Called by a resumed run before a saved block's weights are loaded."""
+    def restore_block(self, block: BlockAdapter) -> None:
+        """A resumed run's saved block gets its wrappers back before its tensors load."""
         self.restructure(block)
 
     def install(self, block: BlockAdapter, reassemblies: dict[str, ChannelReassembly]) -> dict[str, torch.Tensor]:
@@ -324,7 +282,6 @@ class QLLM(Method):
         fp_weights = {}
         with torch.no_grad():
             for role, linear in block.linears().items():
-                check_group_size(linear.weight.shape[1], self.spec.group_size, f"{role} of block {block.index}")
                 fp_weights[role] = linear.weight.detach().float().clone()
                 linear.weight.copy_(self.quantize_weight(fp_weights[role]))
         return fp_weights
@@ -358,7 +315,8 @@ class QLLM(Method):
                 extras[f"{block.family.linears[role]}.bias"] = nn.Parameter(linear.bias.detach().float().clone())
         return extras
 
-    def train_chunk(self, blocks, inputs, targets, kwargs, notes) -> dict[tuple[int, str], LowRank]:
+    def train_chunk(self, blocks: list[BlockAdapter], inputs, targets, kwargs, ctx: BlockContext
+                    ) -> dict[tuple[int, str], LowRank]:
         device = inputs.device
         low_ranks = {(b.index, role): LowRank(lin.out_features, lin.weight.shape[1], self.rank, self.alpha, device)
                      for b in blocks for role, lin in b.linears().items()}
@@ -382,7 +340,7 @@ class QLLM(Method):
         for p, _ in frozen:
             p.requires_grad_(False)
         try:
-            epoch_losses = self.optimize(student, trained, optimizer, schedule, inputs, targets, notes)
+            epoch_losses = self.optimize(student, trained, optimizer, schedule, inputs, targets, ctx)
         finally:
             for p, flag in frozen:
                 p.requires_grad_(flag)
@@ -394,11 +352,11 @@ class QLLM(Method):
         if epoch_losses:
             self.history.append({"blocks": [b.index for b in blocks], "first_epoch_loss": epoch_losses[0],
                                  "last_epoch_loss": epoch_losses[-1]})
-            notes.append(f"qllm eec blocks {blocks[0].index}-{blocks[-1].index}: loss {epoch_losses[0]:.4g} -> "
+            ctx.note(f"qllm eec blocks {blocks[0].index}-{blocks[-1].index}: loss {epoch_losses[0]:.4g} -> "
                          f"{epoch_losses[-1]:.4g} over {len(epoch_losses)} epochs")
         return low_ranks
 
-    def optimize(self, student, trained, optimizer, schedule, inputs, targets, notes) -> list[float]:
+    def optimize(self, student, trained, optimizer, schedule, inputs, targets, ctx: BlockContext) -> list[float]:
         """Batch 1, a random order each epoch; stops (keeping the last finite parameters) on a
         non-finite loss. Returns the mean loss of every completed epoch."""
         n = inputs.shape[0]
@@ -411,7 +369,7 @@ class QLLM(Method):
                     with torch.no_grad():
                         for p, good in zip(trained, last_good):
                             p.copy_(good)
-                    notes.append(f"qllm: non-finite loss at epoch {epoch}, sample {j}; training of the chunk "
+                    ctx.note(f"qllm: non-finite loss at epoch {epoch}, sample {j}; training of the chunk "
                                  "stopped, the last finite parameters kept")
                     break
                 optimizer.zero_grad(set_to_none=True)
@@ -429,18 +387,15 @@ class QLLM(Method):
     # ------------------------------------------------------------------ step 5: merge, fold, re-quantize
 
     @torch.no_grad()
-    def finalize(self, block, fp_weights, reassemblies, low_ranks) -> dict[str, Grid]:
+    def finalize(self, ctx: BlockContext, block: BlockAdapter, fp_weights, reassemblies, low_ranks) -> None:
         """Merge the low-rank corrections, fold the reassembly coefficients into the ops that
-        produce the reassembled activations, re-quantize every weight; returns the grids."""
+        produce the reassembled activations, re-quantize every weight on its grid."""
         weights = {role: merge_low_rank(w, low_ranks[role]) if role in low_ranks else w
                    for role, w in fp_weights.items()}
         self.fold_coefficients(block, weights, reassemblies)
-        grids = {}
-        for role, linear in block.linears().items():
+        for role in block.linears():
             grid = minmax_grid(weights[role], self.spec.bits, self.spec.sym, self.spec.group_size)
-            linear.weight.copy_(grid.fake_quantize(weights[role]))
-            grids[role] = grid
-        return grids
+            ctx.set_weight(role, grid.fake_quantize(weights[role]), grid, block=block)
 
     @torch.no_grad()
     def fold_coefficients(self, block, weights: dict[str, torch.Tensor], reassemblies) -> None:
@@ -469,53 +424,16 @@ class QLLM(Method):
             for role in group.roles:
                 block.linear(role).coef = None
 
-    # ------------------------------------------------------------------ resume inside a chunk
-
-    def state_dict(self) -> dict:
-        """The blocks of the current chunk the pipeline has not reached yet."""
-        return {"pending": {str(i): {"weights": {k: v.detach().cpu() for k, v in f.block.module.state_dict().items()},
-                                     "grids": {r: {"scale": g.scale.cpu(), "zero": g.zero.cpu(), "bits": g.bits,
-                                                   "group_size": g.group_size} for r, g in f.grids.items()},
-                                     "notes": list(f.notes)}
-                            for i, f in self.pending.items()}}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.pending = {}
-        for key, saved in state.get("pending", {}).items():
-            block = self.copy_block(int(key), "cpu")
-            self.restructure(block)
-            block.module.load_state_dict(saved["weights"])
-            grids = {r: Grid(g["scale"], g["zero"], g["bits"], g["group_size"]) for r, g in saved["grids"].items()}
-            self.pending[int(key)] = FinishedBlock(block, grids, list(saved["notes"]))
-
-
 def run_until(block: BlockAdapter, x: torch.Tensor, kwargs: dict, role: str, output: bool = False,
               params: dict | None = None, input_maps: dict | None = None) -> torch.Tensor:
     """Run ``block`` on ``x`` until the linear ``role`` receives its input (or, with ``output``,
     produces its output) and return that tensor. ``params`` replace parameters by name
     (``functional_call``); ``input_maps`` (role -> function) transform linears' inputs."""
     captured = []
-
-    def grab_input(module, args):
-        captured.append(args[0])
-        raise _Stop
-
-    def grab_output(module, args, out):
-        captured.append(out)
-        raise _Stop
-
-    handles = [block.linear(r).register_forward_pre_hook(lambda m, args, fn=fn: (fn(args[0]), *args[1:]))
-               for r, fn in (input_maps or {}).items()]
-    target = block.linear(role)
-    handles.append(target.register_forward_hook(grab_output) if output else target.register_forward_pre_hook(grab_input))
-    try:
-        with torch.no_grad():
-            functional_call(block.module, params or {}, (x,), kwargs)
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
+    hooks = {role: captured.append}
+    observe_block(block, x, kwargs, device=x.device, dtype=x.dtype, batch_size=x.shape[0],
+                  on_output=hooks if output else None, on_input=None if output else hooks, params=params,
+                  input_maps=input_maps)
     if not captured:
         raise RuntimeError(f"the block never ran its {role} linear")
     return captured[0]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from aespa.errors import UserError
+from aespa.core.errors import UserError
 
 
 @dataclass
@@ -63,6 +63,24 @@ class Grid:
     def fake_quantize(self, w: torch.Tensor) -> torch.Tensor:
         """Round-to-nearest onto the grid and back (the RTN weight)."""
         return self.dequantize(self.quantize(w))
+
+    def to(self, device) -> Grid:
+        """The same grid with its tensors on ``device``."""
+        return Grid(self.scale.to(device), self.zero.to(device), self.bits, self.group_size,
+                    None if self.col_scale is None else self.col_scale.to(device))
+
+    def to_dict(self) -> dict:
+        """Plain tensors and numbers (CPU), loadable with ``torch.load(weights_only=True)``;
+        ``col_scale`` only when present. The inverse of :meth:`from_dict`."""
+        d = {"scale": self.scale.detach().cpu(), "zero": self.zero.detach().cpu(), "bits": self.bits,
+             "group_size": self.group_size}
+        if self.col_scale is not None:
+            d["col_scale"] = self.col_scale.detach().cpu()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Grid:
+        return cls(d["scale"], d["zero"], int(d["bits"]), int(d["group_size"]), d.get("col_scale"))
 
 
 def check_group_size(in_features: int, group_size: int, name: str = "layer") -> None:

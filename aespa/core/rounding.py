@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from aespa.quant import Grid
+from aespa.core.grid import Grid
 
 GAMMA, ZETA = -0.1, 1.1  # stretch of the rectified sigmoid
 

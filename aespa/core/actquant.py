@@ -1,10 +1,10 @@
 """Activation fake-quantization for weight-activation runs (W6A6, W4A4, W4A8).
 
 The setting of OmniQuant (§4.1) and QLLM (§5), shared by every weight-activation
-method here (RTN, SmoothQuant, OmniQuant, later QLLM), as the OmniQuant code does it:
+method here (RTN, SmoothQuant, OmniQuant, QLLM), as the OmniQuant code does it:
 
 - the input of **every** quantized linear (q, k, v, o, gate/up, down) is fake-quantized
-  per token, dynamically, asymmetric min-max (:func:`aespa.quant.quantize_activation`);
+  per token, dynamically, asymmetric min-max (:func:`aespa.core.grid.quantize_activation`);
 - inside attention, Q and K before ``Q Kᵀ`` and V before ``P V`` are fake-quantized the
   same way; the softmax output P stays in full precision.
   Where the statistics are taken follows the reference modeling code: for rotary families
@@ -16,8 +16,8 @@ method here (RTN, SmoothQuant, OmniQuant, later QLLM), as the OmniQuant code doe
 Both pieces go in through the adapter: :class:`QuantInputLinear` replaces a block's
 linears (``BlockAdapter.set_linear``; same weight and bias parameters, so every method
 still sees an ``nn.Linear``), and :class:`QKVQuantizer` is an
-:class:`~aespa.adapters.AttentionHook` ``transform``. They stay installed after
-quantization, so the evaluation (``aespa.pipeline.perplexity``) runs the quantized
+:class:`~aespa.core.attention.AttentionHook` ``transform``. They stay installed after
+quantization, so the evaluation (``aespa.core.evaluation.perplexity``) runs the quantized
 activations too. No modeling file is forked.
 """
 from __future__ import annotations
@@ -26,8 +26,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from aespa.adapters import AttentionHook, BlockAdapter
-from aespa.quant import quantize_activation
+from aespa.core.adapters import BlockAdapter
+from aespa.core.attention import AttentionHook
+from aespa.core.grid import quantize_activation
 
 
 class QuantInputLinear(nn.Linear):

@@ -20,8 +20,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from aespa.core.pipeline import BlockContext
 
 
 class HessianAccumulator:
@@ -45,17 +49,13 @@ class HessianAccumulator:
         self.hessian += tokens.t() @ tokens
 
 
-class _InputsCollected(Exception):
-    """Raised by the last hook: the rest of the block's forward pass is not needed."""
-
-
-def collect_hessians(ctx, roles: Iterable[str]) -> dict[str, torch.Tensor]:
+def collect_hessians(ctx: BlockContext, roles: Iterable[str]) -> dict[str, torch.Tensor]:
     """Hessians of the inputs of the linears ``roles`` of the block in ``ctx``, from one
     pass of the block (as it is now) over the quantized-stream inputs ``ctx.inputs``.
 
     Linears of one adapter group read the same input, so each group's statistic is
     accumulated once; every role still gets its own tensor (safe to modify in place).
-    The pass stops once the last needed input is seen (groups are in forward order).
+    The pass stops once the last needed input is seen.
     """
     roles = list(roles)
     source: dict[str, str] = {}  # role -> the role whose input is hooked
@@ -66,30 +66,8 @@ def collect_hessians(ctx, roles: Iterable[str]) -> dict[str, torch.Tensor]:
     missing = [r for r in roles if r not in source]
     if missing:
         raise ValueError(f"roles {missing} are not linears of this block; known: {list(ctx.block.linears())}")
-    hooked = [r for g in ctx.block.groups for r in g.roles if r in set(source.values())]
-    accumulators = {r: HessianAccumulator() for r in hooked}
-
-    def hook(accumulator, last):
-        def record(module, inputs, output):
-            accumulator.add(inputs[0])
-            if last:
-                raise _InputsCollected
-
-        return record
-
-    handles = [ctx.block.linear(r).register_forward_hook(hook(acc, r == hooked[-1]))
-               for r, acc in accumulators.items()]
-    kwargs = ctx.call_kwargs()
-    try:
-        with torch.no_grad():
-            for i in range(0, ctx.inputs.shape[0], ctx.batch_size):
-                try:
-                    ctx.block.module(ctx.inputs[i:i + ctx.batch_size].to(device=ctx.device, dtype=ctx.dtype), **kwargs)
-                except _InputsCollected:
-                    pass
-    finally:
-        for h in handles:
-            h.remove()
+    accumulators = {r: HessianAccumulator() for r in set(source.values())}
+    ctx.observe(on_input={r: acc.add for r, acc in accumulators.items()})
     hessians, handed_out = {}, set()
     for r in roles:
         h = accumulators[source[r]].hessian

@@ -7,20 +7,22 @@ group of linears (the norm before q/k/v, v before o, ...), the attention geometr
 The family is picked from ``config.model_type``, never from a path.
 
 Attention internals (post-RoPE queries/keys, values, attention probabilities) are
-reached through a registered transformers attention function (``ptq``), not through
-forked modeling files: a method attaches an :class:`AttentionHook` to a block and the
-function calls it with the tensors the model really computes.
+reached through a registered transformers attention function (``aespa.core.attention``),
+not through forked modeling files: a method attaches an ``AttentionHook`` to a block
+(``BlockAdapter.set_attention_hook``) and the function calls it with the tensors the model
+really computes.
 
 Adding a family (e.g. Gemma) is one ``Family(...)`` entry below.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from aespa.errors import UserError
+from aespa.core.attention import AttentionHook
+from aespa.core.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -47,9 +49,6 @@ class Family:
     rotary: bool = False
     query_prescaled: bool = False  # the query reaches the attention function already multiplied by 1/sqrt(d)
     mlp: str = "relu"  # "relu" (fc1 -> act -> fc2) or "swiglu" (act(gate) * up -> down)
-    # Z-Fold: linears whose input channels take a factor zeta that folds into the op feeding
-    # them (one zeta per tuple, shared); the lists of the aespa reference code
-    zfold: tuple[tuple[str, ...], ...] = ()
 
 
 OPT = Family(
@@ -69,7 +68,6 @@ OPT = Family(
     after_norm=("model.decoder.project_out",),
     query_prescaled=True,
     mlp="relu",
-    zfold=(("q", "k", "v"), ("o",), ("up",), ("down",)),
 )
 
 LLAMA = Family(
@@ -87,7 +85,6 @@ LLAMA = Family(
     outside=("model.embed_tokens", "model.rotary_emb", "model.norm", "lm_head"),
     rotary=True,
     mlp="swiglu",
-    zfold=(("q", "k", "v"), ("o",), ("down",)),
 )
 
 FAMILIES = (OPT, LLAMA)
@@ -132,25 +129,6 @@ class Geometry:
         return self.num_heads // self.num_kv_heads
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE as the LLaMA family applies it (rotate-half convention)."""
-    return x * cos + rotate_half(x) * sin
-
-
-def rotation_matrices(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``R_t`` for every position t, ``[T, d, d]``, with ``apply_rotary(x)_t = R_t x_t``."""
-    cos, sin = cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1])
-    d = cos.shape[-1]
-    eye = torch.eye(d, dtype=cos.dtype, device=cos.device)
-    # columns of R_t are the images of the basis vectors
-    return apply_rotary(eye[None, :, :], cos[:, None, :], sin[:, None, :]).transpose(1, 2)
-
-
 class BlockAdapter:
     """One decoder block seen through its family description."""
 
@@ -174,18 +152,15 @@ class BlockAdapter:
     def groups(self) -> tuple[LinearGroup, ...]:
         return self.family.groups
 
-    def zfold_groups(self) -> tuple[tuple[str, ...], ...]:
-        """The family's Z-Fold groups that fold in this instance: a factor on o's input folds
-        into the rows of v, which grouped-query attention shares between heads, so o is left
-        out there (the reference code's rule)."""
-        feeder = {r: g.feeder for g in self.groups for r in g.roles}
-        return tuple(z for z in self.family.zfold if not (self.geometry.kv_group > 1 and feeder[z[0]] == "v"))
+    def feeder(self, role: str) -> str:
+        """The op that produces ``role``'s input (a norm role or a linear role)."""
+        return next(g.feeder for g in self.groups if role in g.roles)
 
     @property
     def attention(self) -> nn.Module:
         return get_path(self.module, self.family.attention)
 
-    def set_attention_hook(self, hook: "AttentionHook | None") -> None:
+    def set_attention_hook(self, hook: AttentionHook | None) -> None:
         attn = self.attention
         attn._ptq_hook = hook
         attn._ptq_query_prescale = attn.scaling if self.family.query_prescaled else 1.0
@@ -223,60 +198,3 @@ class ModelAdapter:
             if m is not None:
                 h = m(h)
         return get_path(self.model, self.family.head)(h)
-
-
-# --------------------------------------------------------------------------- attention access
-
-
-@dataclass
-class AttentionHook:
-    """What a method may do inside attention, per call of one block's attention.
-
-    ``transform(query, key, value)`` may return replaced tensors (e.g. fake-quantized);
-    ``observe(query, key, value, probs)`` receives the query *without* the 1/sqrt(d)
-    factor, post-RoPE queries/keys ``[b, heads|kv_heads, T, d]`` and, when
-    ``needs_probs``, the attention probabilities ``[b, heads, T, T]`` (causal mask applied).
-    """
-
-    transform: object = None
-    observe: object = None
-    needs_probs: bool = False
-    extra: dict = field(default_factory=dict)
-
-
-def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
-    return x if n == 1 else x.repeat_interleave(n, dim=1)
-
-
-def ptq_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Eager attention with access for methods; identical numerics to the eager reference."""
-    hook: AttentionHook | None = getattr(module, "_ptq_hook", None)
-    if scaling is None:
-        scaling = module.scaling
-    if hook is not None and hook.transform is not None:
-        query, key, value = hook.transform(query, key, value)
-    n_rep = query.shape[1] // key.shape[1]
-    k, v = _repeat_kv(key, n_rep), _repeat_kv(value, n_rep)
-    if hook is None or (hook.observe is None and not hook.needs_probs):
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, k, v, attn_mask=None if attention_mask is None else attention_mask[:, :, :, : k.shape[-2]],
-            scale=scaling, is_causal=attention_mask is None and query.shape[2] > 1)
-        return out.transpose(1, 2).contiguous(), None
-    scores = torch.matmul(query, k.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        scores = scores + attention_mask[:, :, :, : k.shape[-2]]
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    if hook.observe is not None:
-        hook.observe(query / getattr(module, "_ptq_query_prescale", 1.0), key, value, probs)
-    out = torch.matmul(probs, v)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def register_attention() -> str:
-    """Register the ``ptq`` attention function (and its dense causal mask) with transformers."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
-
-    AttentionInterface.register("ptq", ptq_attention)
-    AttentionMaskInterface.register("ptq", eager_mask)
-    return "ptq"

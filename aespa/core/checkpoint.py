@@ -5,15 +5,15 @@ writes, under a folder named by the run id (a hash of the resolved config, so st
 is never applied to another configuration):
 
 - ``block-<i>.pt``: the parameters and buffers of block ``i``, written once, when the
-  block is quantized (so the I/O per block stays constant, not quadratic in depth), and
-  the bit width of its activation quantizers (``aespa.actquant``: modules and an
-  attention hook, not tensors, so they are re-installed on load, not loaded; a method
-  that changes a block's structure otherwise restores it in ``resume_block(block)``),
+  block is quantized (so the I/O per block stays constant, not quadratic in depth); a
+  method that changes a block's structure (activation quantizers, reassembled linears:
+  modules and hooks, not tensors) re-creates it in ``Method.restore_block(block)`` before
+  the tensors are loaded,
 - ``state.pt``: both input streams of the next block (quantized, and full precision
   when the method uses it: recomputing the full-precision stream from a quantized
   model would be wrong), the block keyword arguments, the grids, phase timings,
   quantization wall time and notes so far, the RNG states (torch CPU and CUDA, numpy,
-  random) and the method's own state, if it has one,
+  random) and the method's own state (``Method.state_dict``),
 - ``progress.json``: ``{"run_id", "next_block", "n_blocks"}``, for people and scripts
   watching a run.
 
@@ -28,31 +28,26 @@ Files load with ``weights_only=True``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
-import sys
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from aespa.actquant import QuantInputLinear, install_activation_quantizers
-from aespa.quant import Grid
-from experiments.records import atomic_write
+from aespa.core.adapters import ModelAdapter
+from aespa.core.grid import Grid
+from aespa.core.io import atomic_write
+from aespa.core.observe import to_device
+
+if TYPE_CHECKING:
+    from aespa.core.method import Method
 
 STATE = "state.pt"
 PROGRESS = "progress.json"
-
-
-def _grid_to_dict(g: Grid) -> dict:
-    d = {"scale": g.scale.cpu(), "zero": g.zero.cpu(), "bits": g.bits, "group_size": g.group_size}
-    if g.col_scale is not None:
-        d["col_scale"] = g.col_scale.cpu()
-    return d
-
-
-def _grid_from_dict(d: dict) -> Grid:
-    return Grid(d["scale"], d["zero"], d["bits"], d["group_size"], d.get("col_scale"))
+log = logging.getLogger(__name__)
 
 
 class BlockCheckpoint:
@@ -75,13 +70,12 @@ class BlockCheckpoint:
         except (OSError, ValueError):
             return None
 
-    def save(self, adapter, method, state: dict) -> None:
+    def save(self, adapter: ModelAdapter, method: Method, state: dict) -> None:
         n = state["next_block"]
         result = state["result"]
         for i in range(n):  # normally only block n-1; earlier ones if their file is missing
             if i == n - 1 or not os.path.exists(self.block_path(i)):
-                block = {"weights": {k: v.detach().cpu() for k, v in adapter.blocks[i].state_dict().items()},
-                         "act_bits": _activation_bits(adapter.block(i))}
+                block = {"weights": {k: v.detach().cpu() for k, v in adapter.blocks[i].state_dict().items()}}
                 atomic_write(self.block_path(i), lambda f, b=block: torch.save(b, f))
         rng = {"torch": torch.get_rng_state(), "numpy": _np_state(), "random": _py_state()}
         if torch.cuda.is_available():
@@ -91,22 +85,22 @@ class BlockCheckpoint:
             "next_block": n,
             "q_in": state["q_in"].cpu(),
             "fp_in": None if state["fp_in"] is None else state["fp_in"].cpu(),
-            "kwargs": _to_device(state["kwargs"], "cpu"),
+            "kwargs": to_device(state["kwargs"], "cpu"),
             "phases": dict(result.phases),
             "elapsed_s": float(state.get("elapsed_s", 0.0)),
-            "grids": {k: _grid_to_dict(g) for k, g in result.grids.items()},
+            "grids": {k: g.to_dict() for k, g in result.grids.items()},
             "notes": list(result.notes),
             "rng": rng,
-            "method": method.state_dict() if hasattr(method, "state_dict") else {},
+            "method": method.state_dict(),
         }
         atomic_write(self.path, lambda f: torch.save(payload, f))
         progress = {"run_id": self.run_id, "next_block": n, "n_blocks": len(adapter.blocks)}
         atomic_write(os.path.join(self.folder, PROGRESS), lambda f: f.write(json.dumps(progress).encode()))
 
-    def load(self, adapter, method, device=None):
+    def load(self, adapter: ModelAdapter, method: Method, device=None) -> dict | None:
         """Restore the saved state into ``adapter``/``method`` and the RNGs; returns the
         pipeline state (streams and kwargs on ``device``), or None when there is none."""
-        from aespa.pipeline import QuantizeResult
+        from aespa.core.pipeline import QuantizeResult
 
         if not os.path.exists(self.path):
             return None
@@ -114,51 +108,30 @@ class BlockCheckpoint:
             payload = torch.load(self.path, weights_only=True)
             blocks = [torch.load(self.block_path(i), weights_only=True) for i in range(payload["next_block"])]
         except Exception as e:  # cannot happen with atomic writes, unless files were edited or lost
-            print(f"warning: cannot read the checkpoint in {self.folder} ({type(e).__name__}: {e}); starting over",
-                  file=sys.stderr)
+            log.warning(f"cannot read the checkpoint in {self.folder} ({type(e).__name__}: {e}); starting over")
             return None
         if payload.get("run_id") != self.run_id:
             return None
         device = torch.device(device) if device is not None else adapter.model.device
         for i, saved in enumerate(blocks):
             block = adapter.block(i)
-            if hasattr(method, "resume_block"):  # a method that changes the block's structure restores it
-                method.resume_block(block)
-            elif saved["act_bits"] is not None:
-                install_activation_quantizers(block, saved["act_bits"])
+            method.restore_block(block)  # structural changes first (modules and hooks), then the tensors
             block.module.load_state_dict(saved["weights"])
-        if hasattr(method, "load_state_dict") and payload["method"]:
-            method.load_state_dict(payload["method"])
+        method.load_state_dict(payload["method"])
         rng = payload["rng"]
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(rng["cuda"])
         np.random.set_state(_np_restore(rng["numpy"]))
         random.setstate(_py_restore(rng["random"]))
-        result = QuantizeResult(dict(payload["phases"]), {k: _grid_from_dict(g) for k, g in payload["grids"].items()},
+        result = QuantizeResult(dict(payload["phases"]), {k: Grid.from_dict(g) for k, g in payload["grids"].items()},
                                 list(payload["notes"]), float(payload.get("elapsed_s", 0.0)))
         return {"next_block": payload["next_block"], "q_in": payload["q_in"].to(device),
-                "kwargs": _to_device(payload["kwargs"], device),
+                "kwargs": to_device(payload["kwargs"], device),
                 "fp_in": None if payload["fp_in"] is None else payload["fp_in"].to(device), "result": result}
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def _activation_bits(block) -> int | None:
-    """The bit width of the block's activation quantizers, None when it has none."""
-    bits = {lin.act_bits for lin in block.linears().values() if isinstance(lin, QuantInputLinear)}
-    return bits.pop() if len(bits) == 1 and None not in bits else None
-
-
-def _to_device(obj, device):
-    if torch.is_tensor(obj):
-        return obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to_device(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    return obj
 
 
 # RNG states as plain containers (tensors, ints, lists), loadable with weights_only=True

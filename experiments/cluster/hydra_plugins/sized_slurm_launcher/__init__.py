@@ -10,16 +10,17 @@ per group. Everything else (requeue on preemption/timeout, result collection) is
 ``${by_size:SIZE_B,BASE,PER_BILLION[,MAX]}`` = ``min(MAX, int(BASE + PER_BILLION * SIZE_B))``,
 where 0 means "do not ask" (e.g. no GPU for the embedded CPU models).
 
-Hydra accepts launchers only from the ``hydra_plugins`` namespace package; run.py puts this
-folder's parent on ``sys.path``, and the jobs get it through ``PYTHONPATH``.
+Hydra accepts launchers only from the ``hydra_plugins`` namespace package: this folder is a
+small project of its own (``experiments/cluster/pyproject.toml``), installed into that
+namespace by ``requirements.txt`` (``-e ./experiments/cluster``), so Hydra finds it in every
+process of a sweep (the submitting one, submitit's and joblib's jobs) without any path edit.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, filter_overrides
@@ -27,8 +28,6 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 from omegaconf import OmegaConf
 
-PLUGINS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # experiments/cluster
-REPO = os.path.dirname(os.path.dirname(PLUGINS))
 log = logging.getLogger(__name__)
 
 
@@ -46,13 +45,6 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("by_size", by_size)
     # conf/hydra/launcher/joblib.yaml has the name of the plugin's own config, which Hydra merges as a schema
     warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/joblib' is validated against ConfigStore schema")
-
-
-def export_pythonpath() -> None:
-    """The processes a sweep starts (submitit's local and SLURM jobs, joblib's workers) unpickle
-    Hydra's plugin registry, which names this module: put its folder and the repo on their path."""
-    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    os.environ["PYTHONPATH"] = os.pathsep.join([p for p in (REPO, PLUGINS) if p not in paths] + paths)
 
 
 class SizedSlurmLauncher(SlurmLauncher):
@@ -75,8 +67,7 @@ class SizedSlurmLauncher(SlurmLauncher):
             params = json.loads(key)
             executor = submitit.AutoExecutor(cluster="slurm", folder=params.pop("submitit_folder"),
                                              slurm_max_num_timeout=params.pop("max_num_timeout"))
-            # jobs import this module and the repo's whatever the submitting directory
-            setup = list(params.pop("setup") or []) + [f"export PYTHONPATH={REPO}:{PLUGINS}${{PYTHONPATH:+:$PYTHONPATH}}"]
+            setup = list(params.pop("setup") or [])
             base = set(OmegaConf.structured(BaseQueueConf).keys())
             executor.update_parameters(slurm_setup=setup,
                                        **{k if k in base else f"slurm_{k}": v for k, v in params.items()})
@@ -96,4 +87,3 @@ class SizedSlurmLauncher(SlurmLauncher):
 
 # at import: Hydra imports every plugin module when it starts, and job processes to unpickle the launcher
 register_resolvers()
-export_pythonpath()

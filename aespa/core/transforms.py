@@ -8,7 +8,7 @@ Eq. 3; Outlier Suppression+):
     Y = X Wᵀ + b = ((X - δ) ⊘ s) (W ⊙ s)ᵀ + (b + W δ)
 
 Three kinds of pairs exist in a block (read from the family description: a group of
-linears and the op feeding it, ``aespa.adapters.LinearGroup``):
+linears and the op feeding it, ``aespa.core.adapters.LinearGroup``):
 
 - **norm → linears** (attn-norm → q, k, v; mlp-norm → fc1 | gate, up): the norm's gain (and
   bias) is divided by s after subtracting δ; each consumer's input columns are multiplied
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from aespa.adapters import BlockAdapter, Geometry, LinearGroup, get_path
+from aespa.core.adapters import BlockAdapter, Geometry, LinearGroup, get_path
 
 
 @dataclass
@@ -204,7 +204,9 @@ def scale_norm_inputs(block: BlockAdapter, scales: dict[str, torch.Tensor],
 
 @dataclass
 class ChannelStatistics:
-    """Per-input-channel statistics of some linears' inputs, by role.
+    """Per-input-channel statistics of some linears' inputs, by role, fed window by window
+    (in calibration order) by :meth:`hooks` during a pass of the block
+    (``BlockContext.observe``).
 
     ``absmax``: max over all calibration tokens of ``|x_j|`` (SmoothQuant's act scales);
     ``midpoint``: the Outlier-Suppression+ shift ``(max_j + min_j) / 2``, tracked over the
@@ -215,32 +217,20 @@ class ChannelStatistics:
     absmax: dict[str, torch.Tensor] = field(default_factory=dict)
     midpoint: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def add(self, role: str, x: torch.Tensor) -> None:
+        """A mini-batch of inputs ``[b, T, d]`` of the linear ``role``."""
+        for window in x.detach().float():  # [T, d], in calibration order
+            window = window.reshape(-1, window.shape[-1])
+            absmax, mid = window.abs().amax(dim=0), (window.amax(dim=0) + window.amin(dim=0)) / 2
+            if role in self.absmax:
+                self.absmax[role] = torch.maximum(self.absmax[role], absmax)
+                self.midpoint[role] = 0.99 * self.midpoint[role] + 0.01 * mid
+            else:
+                self.absmax[role], self.midpoint[role] = absmax, mid
 
-@torch.no_grad()
-def input_channel_statistics(block: BlockAdapter, run, roles) -> ChannelStatistics:
-    """Statistics of the inputs of the linears ``roles`` while ``run()`` runs the block
-    (e.g. ``lambda: ctx.run(ctx.fp_inputs)``), window by window."""
-    stats = ChannelStatistics()
-
-    def hook(role):
-        def observe(module, args):
-            for window in args[0].detach().float():  # [T, d], in calibration order
-                window = window.reshape(-1, window.shape[-1])
-                absmax, mid = window.abs().amax(dim=0), (window.amax(dim=0) + window.amin(dim=0)) / 2
-                if role in stats.absmax:
-                    stats.absmax[role] = torch.maximum(stats.absmax[role], absmax)
-                    stats.midpoint[role] = 0.99 * stats.midpoint[role] + 0.01 * mid
-                else:
-                    stats.absmax[role], stats.midpoint[role] = absmax, mid
-        return observe
-
-    handles = [block.linear(r).register_forward_pre_hook(hook(r)) for r in roles]
-    try:
-        run()
-    finally:
-        for h in handles:
-            h.remove()
-    return stats
+    def hooks(self, roles) -> dict:
+        """Input callbacks for ``BlockContext.observe(on_input=...)``."""
+        return {role: (lambda x, r=role: self.add(r, x)) for role in roles}
 
 
 def smoothing_scale(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -25,7 +25,7 @@ input (q, k, v) share one ζ. Starting from the min-max grid and ζ = 1, it alte
 
 for up to 30 rounds, stopping as soon as the summed loss of the group increases (ties
 continue) and keeping the last grids that did not increase it. The result is a
-:class:`~aespa.quant.Grid` per layer with ζ in ``Grid.col_scale``.
+:class:`~aespa.core.grid.Grid` per layer with ζ in ``Grid.col_scale``.
 
 Group-wise grids (``group_size`` > 0; the reference code has none): one clip ratio per
 (row, group), searched group after group in column order, each minimising the same row
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-from aespa.quant import Grid, minmax_grid, minmax_range
+from aespa.core.grid import Grid, minmax_grid, minmax_range
 
 CLIP_RATIOS = torch.arange(1.0, 0.0, -0.01)  # 1.00, 0.99, ..., 0.01 (as the reference)
 

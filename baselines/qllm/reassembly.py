@@ -32,15 +32,15 @@ and an ``index_add`` over channels — in front of the consuming linears
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from aespa.actquant import QuantInputLinear
-from aespa.quant import quantize_activation
+from aespa.core.actquant import QuantInputLinear
+from aespa.core.grid import quantize_activation
 
 DISTANCES = ("paper", "reference")
 

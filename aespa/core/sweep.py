@@ -41,9 +41,9 @@ from dataclasses import dataclass
 
 import torch
 
-from aespa.errors import UserError
-from aespa.hessian import inverse_cholesky_upper, prepare_hessian
-from aespa.quant import Grid, check_group_size, minmax_grid
+from aespa.core.errors import UserError
+from aespa.core.grid import Grid, check_group_size, minmax_grid
+from aespa.core.hessian import inverse_cholesky_upper, prepare_hessian
 
 
 @dataclass
