@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 
 from aespa.core.attention import AttentionHook, rotation_matrices
-from aespa.core.errors import UserError
+from aespa.core.errors import UserError, check_finite
 from aespa.core.pipeline import BlockContext
 
 
@@ -140,6 +140,10 @@ def collect_block_statistics(ctx: BlockContext, *, value: bool = True, query_key
     hook = AttentionHook(observe=observe, needs_probs=value) if value or query_key else None
     ctx.observe(on_input={role: input_hook(role) for role in inputs}, attention=hook)
 
+    check_finite(f"the statistics of block {ctx.index}",
+                 {**{f"{role} input": m.mean for role, m in inputs.items()},
+                  "value Hessian": value_moment.mean, "query covariance": query_moment.mean,
+                  "key covariance": key_moment.mean})
     stats = BlockStatistics({role: 2 * inputs[source[role]].mean for role in source}, tokens=inputs[source["q"]].tokens)
     if value:
         stats.value_hessian = 2 * value_moment.mean

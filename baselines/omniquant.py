@@ -168,15 +168,22 @@ class OmniQuant(Method):
                             "have none (allowed there: shift=false or auto)")
         return bool(self.shift)
 
+    def check(self, model) -> None:
+        """LET's shift needs norms with a bias; something must be trainable when epochs > 0."""
+        super().check(model)
+        block = model.block(0)
+        use_let = self.uses_let(block)
+        self.uses_shift(block)
+        if not (self.lwc or use_let) and self.epochs > 0:
+            raise UserError("omniquant with lwc=false and no LET has nothing to train; enable lwc or let, "
+                            "or set epochs=0")
+
     # ------------------------------------------------------------------ the algorithm
 
     def quantize_block(self, ctx: BlockContext) -> None:
         block = ctx.block
         linears = block.linears()
         use_let, use_shift = self.uses_let(block), self.uses_shift(block)
-        if not (self.lwc or use_let) and self.epochs > 0:
-            raise UserError("omniquant with lwc=false and no LET has nothing to train; enable lwc or let, "
-                            "or set epochs=0")
 
         with ctx.phase("statistics"):
             stats = None

@@ -35,9 +35,9 @@ def bench(model_name: str, nsamples: int, bits: int, iters: int, device: torch.d
         overrides = [f"model={model_name}", "method=aespa", f"bits={bits}", f"nsamples={nsamples}",
                      f"method.iters={iters}", "dtype=float32"]
         cfg = compose(config_name="config", overrides=overrides)
-    method = validate(cfg)
+    method = validate(cfg).method
     seed_everything(cfg.seed)
-    model, tokenizer, adapter, seqlen = load(cfg, method)
+    model, tokenizer, adapter, seqlen = load(cfg, method, torch.float32)
     calibration = DataSource(DataCache(in_repo(cfg.cache_dir)), dict(cfg.data_paths or {}), tokenizer,
                              seqlen).calibration(cfg.calib.dataset, nsamples, cfg.seed)
     start = time.perf_counter()

@@ -103,7 +103,7 @@ def layer_flops(layers: list[LayerShape], hidden: int, head_dim: int, batch: int
     return rows
 
 
-def model_shapes(model_path: str):
+def model_shapes(model_path: str) -> tuple:
     """(geometry, layer shapes of one block, number of blocks) of a model, from its config
     alone (the model is built on the meta device: no weights are read)."""
     import torch
@@ -288,7 +288,7 @@ def plot_ppl_vs_time(rows: list[Row], table: list[dict], path: str, title: str) 
 # --------------------------------------------------------------------------- main
 
 
-def parse_args(argv):
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m experiments.bench_cost", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny-opt", help="conf/model/<name>.yaml")
     p.add_argument("--bits", type=int, default=2)

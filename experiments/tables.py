@@ -23,6 +23,7 @@ import math
 import statistics
 import sys
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import yaml
@@ -125,7 +126,7 @@ def load_records(runs_dir: Path) -> list[dict]:
     return read_records(runs_dir)
 
 
-def lookup(record: dict, dotted: str):
+def lookup(record: dict, dotted: str) -> Any:
     """``record['a']['b']`` for ``'a.b'``; falls back to the record's ``config``; None if absent."""
     for root in (record, record.get("config") or {}):
         value = root

@@ -55,7 +55,7 @@ def local_task_config(name: str) -> dict:
     return config
 
 
-def load_tasks(names: list[str]):
+def load_tasks(names: list[str]) -> tuple:
     """The lm-eval task manager and the Task objects by name; built-in tasks are indexed
     (and their data fetched) only when asked for. Unknown names and unreachable data are
     one-line UserErrors."""
@@ -77,13 +77,14 @@ def load_tasks(names: list[str]):
                         f"({reason}); offline, use the local task: eval.zeroshot=[{', '.join(local)}]") from None
 
 
-def evaluate_zeroshot(model, tokenizer, eval_cfg, device) -> dict[str, dict[str, float]]:
+def evaluate_zeroshot(model, tokenizer, eval_cfg, device, tasks=None) -> dict[str, dict[str, float]]:
     """Zero-shot ``{task: {"acc": ..., "acc_norm": ...}}`` of ``model`` on ``eval_cfg.zeroshot``.
 
     ``eval_cfg`` keys (``conf/eval/zeroshot.yaml``): ``zeroshot`` (task names),
     ``zeroshot_batch_size``, ``zeroshot_limit`` (documents per task; null = all),
-    ``zeroshot_max_length`` (null = the model's context). The whole model is moved to
-    ``device`` for the evaluation and back to where it was afterwards.
+    ``zeroshot_max_length`` (null = the model's context). ``tasks``: what :func:`load_tasks`
+    returned for these names (the runner loads them before quantizing). The whole model is
+    moved to ``device`` for the evaluation and back to where it was afterwards.
     """
     import lm_eval
     import torch
@@ -93,7 +94,7 @@ def evaluate_zeroshot(model, tokenizer, eval_cfg, device) -> dict[str, dict[str,
     if not names:
         return {}
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    manager, tasks = load_tasks(names)
+    manager, tasks = tasks or load_tasks(names)
     max_length = eval_cfg.get("zeroshot_max_length") or getattr(model.config, "max_position_embeddings", None)
     home = next(model.parameters()).device
     model.to(device)

@@ -91,17 +91,17 @@ def test_existing_record_is_skipped(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("bits=9", "allowed: 2..8, or 16"),
-    ("act_bits=3", "allowed: 4..8, or 16"),
+    ("bits=9", "bits=9 is not allowed; use one of 2, 3, 4, 5, 6, 7, 8, 16"),
+    ("act_bits=3", "act_bits=3 is not allowed; use one of 4, 5, 6, 7, 8, 16"),
     ("act_bits=4", "is weight-only"),
     ("group_size=100", "does not divide the input width 256"),
-    ("nsamples=0", "nsamples must be positive"),
+    ("nsamples=0", "nsamples=0 is not allowed; use an integer >= 1"),
     ("seqlen=4096", "exceeds the model's context of 1024"),
     ("model.path=/no/such/model", "does not exist"),
     ("eval.datasets=[wiki103]", "unknown dataset 'wiki103'"),
-    ("calib.dataset=pile", "unknown calibration set 'pile'"),
+    ("calib.dataset=pile", "calib.dataset='pile' is not allowed; use one of c4, wikitext2, wikivital"),
     ("device=cuda", "CUDA is not available"),
-    ("dtype=int8", "allowed: auto, float16"),
+    ("dtype=int8", "dtype='int8' is not allowed; use one of auto, float16"),
 ])
 def test_bad_input_is_one_clear_error_and_no_record(override, message, tmp_path):
     if override == "device=cuda" and torch.cuda.is_available():
@@ -125,7 +125,7 @@ def test_cli_bad_input_exits_nonzero_with_one_line(tmp_path):
     assert out.stderr.strip().splitlines() == [out.stderr.strip()] and "allowed: llama-13b" in out.stderr
     out = _cli("bits=1", f"results_dir={tmp_path}", *FAST)
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert out.stderr.strip() == "error: bits=1 is not supported; allowed: 2..8, or 16 (not quantized)"
+    assert out.stderr.strip() == "error: bits=1 is not allowed; use one of 2, 3, 4, 5, 6, 7, 8, 16"
     assert not list(tmp_path.iterdir())
 
 

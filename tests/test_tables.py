@@ -198,7 +198,7 @@ def test_reference_csv_is_tidy(path):
     df = tables.read_paper_csv(path)
     assert list(df.columns) == COLUMNS
     assert len(df) > 0
-    assert df["paper"].isin(["aespa", "gptq", "omniquant", "qllm"]).all()
+    assert df["paper"].isin(["aespa", "gptq", "omniquant", "qllm", "boa", "turboboa"]).all()
     assert df["table"].str.fullmatch(r"Table [A-Z]?\d*|README").all() and (df["table"] != "Table ").all()
     for col in ("w_bits", "a_bits", "group"):
         assert df[col].str.fullmatch(r"-?\d+").all(), col

@@ -17,6 +17,7 @@ Adding a family (e.g. Gemma) is one ``Family(...)`` entry below.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -99,7 +100,7 @@ def family_of(config) -> Family:
     raise UserError(f"unsupported model_type {model_type!r}; supported: {', '.join(known)}")
 
 
-def get_path(root: nn.Module, path: str):
+def get_path(root: nn.Module, path: str) -> Any:
     obj = root
     for part in path.split("."):
         obj = getattr(obj, part, None)

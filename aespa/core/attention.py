@@ -54,7 +54,7 @@ def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
     return x if n == 1 else x.repeat_interleave(n, dim=1)
 
 
-def ptq_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def ptq_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs) -> tuple:
     """Eager attention with access for methods; identical numerics to the eager reference."""
     hook: AttentionHook | None = getattr(module, "_ptq_hook", None)
     if scaling is None:

@@ -1,6 +1,30 @@
-"""The one exception type for a user's mistake: the runner prints its message as one
-line and exits non-zero, with no traceback and no record."""
+"""The two exceptions a run reports without a traceback.
+
+- :class:`UserError`: a user's mistake. The runner prints its message as one line and exits
+  with status 2; no record is written (in a ``-m`` sweep, the job is recorded as failed
+  and the sweep goes on).
+- :class:`NumericalError`: a NaN or an Inf where a number must be finite (weights,
+  statistics, Hessians, a block's output, the evaluated loss). The run stops, its record
+  says ``status: failed`` with the message, which names where it first appeared.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
 
 
 class UserError(Exception):
     """Bad input: the message says what is wrong and what is allowed."""
+
+
+class NumericalError(Exception):
+    """A non-finite value; the message names the block and the layer or tensor."""
+
+
+def check_finite(where: str, tensors: Mapping[str, torch.Tensor | None]) -> None:
+    """Raise :class:`NumericalError` naming the first tensor (in order) with a NaN or an Inf."""
+    for name, t in tensors.items():
+        if t is not None and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            kind = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+            raise NumericalError(f"{kind} in {where}: {name}")

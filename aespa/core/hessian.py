@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from aespa.core.errors import check_finite
+
 if TYPE_CHECKING:
     from aespa.core.pipeline import BlockContext
 
@@ -68,6 +70,7 @@ def collect_hessians(ctx: BlockContext, roles: Iterable[str]) -> dict[str, torch
         raise ValueError(f"roles {missing} are not linears of this block; known: {list(ctx.block.linears())}")
     accumulators = {r: HessianAccumulator() for r in set(source.values())}
     ctx.observe(on_input={r: acc.add for r, acc in accumulators.items()})
+    check_finite(f"block {ctx.index}", {f"Hessian of the {r} input": acc.hessian for r, acc in accumulators.items()})
     hessians, handed_out = {}, set()
     for r in roles:
         h = accumulators[source[r]].hessian

@@ -21,6 +21,7 @@ imported, and the application imports them (``experiments.methods``).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 METHODS: dict[str, type[Method]] = {}
 
 
-def register(name: str):
+def register(name: str) -> Callable[[type[Method]], type[Method]]:
     """Class decorator: make a :class:`Method` available as ``method=<name>``."""
 
     def deco(cls: type[Method]) -> type[Method]:

@@ -12,6 +12,7 @@ the channel statistics of SmoothQuant/OmniQuant and QLLM's probes all go through
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,7 +22,7 @@ from aespa.core.adapters import BlockAdapter
 from aespa.core.attention import AttentionHook
 
 
-def to_device(obj, device, dtype: torch.dtype | None = None):
+def to_device(obj, device, dtype: torch.dtype | None = None) -> Any:
     """Tensors inside ``obj`` (nested tuples, lists, dicts) moved to ``device``; floating
     tensors also cast to ``dtype`` when given."""
     if torch.is_tensor(obj):
@@ -35,7 +36,7 @@ def to_device(obj, device, dtype: torch.dtype | None = None):
     return obj
 
 
-def block_output(out):
+def block_output(out) -> torch.Tensor:
     """The hidden states a decoder block returns (blocks return a tuple or a tensor)."""
     return out[0] if isinstance(out, (tuple, list)) else out
 

@@ -40,12 +40,15 @@ class Rule:
     below: float | None = None
     positive: bool = False
     choices: tuple | None = None
+    exclude: tuple = ()
 
     def check(self, value) -> bool:
         if value is None or isinstance(value, bool) and self.choices is None:
             return True
         if self.choices is not None:
             return any(value == c and type(value) is type(c) for c in self.choices)
+        if isinstance(value, (int, float)) and value in self.exclude:
+            return False
         if isinstance(value, (int, float)):
             if not math.isfinite(value):
                 return False
@@ -71,13 +74,18 @@ class Rule:
             parts.append(f"<= {_show(self.high)}")
         if self.below is not None:
             parts.append(f"< {_show(self.below)}")
+        if self.exclude:
+            parts.append("not " + ", ".join(_show(e) for e in self.exclude))
         return " and ".join(parts)
 
 
 def option(default, help: str, *, low: float | None = None, high: float | None = None, below: float | None = None,
-           positive: bool = False, choices: tuple | None = None):
-    """A method option: its default, a one-line help, and its constraint."""
-    rule = Rule(low, high, below, positive, tuple(choices) if choices is not None else None)
+           positive: bool = False, choices: tuple | None = None, exclude: tuple = ()):
+    """An option: its default, a one-line help, and its constraint (a mutable default, a
+    list or a dict, is copied for every instance)."""
+    rule = Rule(low, high, below, positive, tuple(choices) if choices is not None else None, tuple(exclude))
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help, "rule": rule})
     return dataclasses.field(default=default, metadata={"help": help, "rule": rule})
 
 
@@ -89,13 +97,14 @@ def _show(value) -> str:
     return str(value)
 
 
-_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+               dict: "a mapping"}
 
 
 def _types(annotation) -> tuple[tuple[type, ...], bool]:
     """The accepted base types of a field annotation, and whether null is allowed."""
     if isinstance(annotation, str):
-        annotation = eval(annotation, {}, {})  # the annotations are plain builtins (bool, int, float, str, None)
+        annotation = eval(annotation, {}, {})  # plain builtins: bool, int, float, str, list, dict, None
     args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) or \
         typing.get_origin(annotation) is typing.Union else (annotation,)
     return tuple(a for a in args if a is not type(None)), type(None) in args
@@ -113,6 +122,10 @@ def _coerce(value, accepted: tuple[type, ...]):
         return float(value)
     if str in accepted and isinstance(value, str):
         return value
+    if list in accepted and isinstance(value, (list, tuple)):
+        return list(value)
+    if dict in accepted and isinstance(value, dict):
+        return value
     raise ValueError
 
 
@@ -123,7 +136,10 @@ def fields(options_type) -> list[dataclasses.Field]:
 def describe_field(f: dataclasses.Field) -> str:
     """What a user may set this option to, e.g. ``a number > 0`` or ``one of paper, reference``."""
     accepted, nullable = _types(f.type)
-    rule: Rule = f.metadata.get("rule", Rule())
+    return _describe(accepted, nullable, f.metadata.get("rule", Rule()))
+
+
+def _describe(accepted: tuple, nullable: bool, rule: Rule) -> str:
     if rule.choices is not None:
         text = rule.describe()
     else:
@@ -133,39 +149,47 @@ def describe_field(f: dataclasses.Field) -> str:
     return text + (" (or null)" if nullable and rule.choices is None else "")
 
 
-def parse_options(options_type, raw: Mapping[str, Any] | None, method: str = "method"):
+def parse_options(options_type, raw: Mapping[str, Any] | None, method: str = "method",
+                  prefix: str = "method.") -> Any:
     """An instance of ``options_type`` from user values (defaults for what is not given).
 
     Unknown keys, wrong types and values outside a field's constraint raise a one-line
-    :class:`UserError` naming ``method.<key>``, the value and what is allowed.
+    :class:`UserError` naming ``<prefix><key>`` (``method.<key>`` for a method's options),
+    the value and what is allowed.
     """
     raw = dict(raw or {})
     known = {f.name: f for f in fields(options_type)}
     unknown = sorted(set(raw) - set(known))
+    what = f"{method} option " if method else ""
     if unknown:
         allowed = ", ".join(known) or "none"
-        raise UserError(f"unknown {method} option method.{unknown[0]}; allowed: {allowed}")
-    values = {}
-    for name, value in raw.items():
-        f = known[name]
-        accepted, nullable = _types(f.type)
-        rule: Rule = f.metadata.get("rule", Rule())
-        try:
-            if value is None:
-                if not nullable:
-                    raise ValueError
-                coerced = None
-            elif rule.choices is not None:
-                coerced = value
-            else:
-                coerced = _coerce(value, accepted)
-            if not rule.check(coerced):
-                raise ValueError
-        except ValueError:
-            shown = repr(value) if isinstance(value, str) else _show(value)
-            raise UserError(f"{method} option method.{name}={shown} is not allowed; use {describe_field(f)}") from None
-        values[name] = coerced
+        raise UserError(f"unknown {what or 'key '}{prefix}{unknown[0]}; allowed: {allowed}")
+    values = {name: check_value(f"{what}{prefix}{name}", value, known[name].type, known[name].metadata.get("rule"))
+              for name, value in raw.items()}
     return options_type(**values)
+
+
+def check_value(label: str, value, annotation, rule: Rule | None = None) -> Any:
+    """``value`` checked against a type (``int``, ``"float | None"``, ...) and a rule, and
+    coerced (an integer for a float); a one-line UserError ``<label>=<value> is not allowed;
+    use ...`` otherwise."""
+    accepted, nullable = _types(annotation)
+    rule = rule or Rule()
+    try:
+        if value is None:
+            if not nullable:
+                raise ValueError
+            coerced = None
+        elif rule.choices is not None:
+            coerced = value
+        else:
+            coerced = _coerce(value, accepted)
+        if not rule.check(coerced):
+            raise ValueError
+    except ValueError:
+        shown = repr(value) if isinstance(value, str) else _show(value)
+        raise UserError(f"{label}={shown} is not allowed; use {_describe(accepted, nullable, rule)}") from None
+    return coerced
 
 
 def defaults(options_type) -> dict:

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from aespa.core.adapters import BlockAdapter, ModelAdapter
 from aespa.core.attention import AttentionHook
+from aespa.core.errors import check_finite
 from aespa.core.grid import Grid
 from aespa.core.observe import observe_block, run_block, to_device
 
@@ -213,6 +214,7 @@ def quantize_model(adapter: ModelAdapter, method: Method, calibration: torch.Ten
     else:
         start = 0
         q_in, kwargs = capture_inputs(adapter, calibration, device, batch_size, store_device=device)
+        check_finite("the input of block 0", {"calibration stream": q_in})
         fp_in = q_in.clone() if method.needs_fp_stream else None
     bar = tqdm(total=n_blocks, initial=start, desc=f"quantize ({method.name})", disable=not progress)
     while start < n_blocks:
@@ -228,7 +230,11 @@ def quantize_model(adapter: ModelAdapter, method: Method, calibration: torch.Ten
                     fp_out = run_block(block.module, fp_out, kwargs, device, torch.float32, batch_size)
         ctx = BlockContext(blocks, q_in, kwargs, device, torch.float32, batch_size, fp_in, fp_out)
         method.quantize_block(ctx)
+        for block in blocks:
+            check_finite(f"block {block.index} after quantization",
+                         {f"{role} weight": lin.weight for role, lin in block.linears().items()})
         q_in = ctx.run()
+        check_finite(f"the output of block {end - 1}", {"quantized stream": q_in})
         fp_in = fp_out
         for block in blocks:
             block.module.to(dtype=model_dtype)

@@ -32,6 +32,14 @@ row scales ``scale[:, j // grid.group_size] · col_scale[j]`` and zero points, w
 the visiting order — the same lookup as static groups; nothing is recomputed, and
 ``group_size``/``static_groups`` are ignored.
 
+``residual`` (GPTAQ, Li et al. 2025; TurboBoA's feature 2): the cross moment
+``D = α · E[(x_fp − x_q) x_qᵀ]`` (in the scale of ``hessian``) of the gap between the
+full-precision model's inputs and the quantized model's. Each column's update then also
+pushes its own input error onto the later columns, ``W[:, j+1:] += w_j P[j, j+1:]`` with
+``P = triu(D Uᵀ, 1) U`` (``P[j, j+1:] = D[j, j+1:] H[j+1:, j+1:]⁻¹``), ``w_j`` the column as
+it stood when rounded; dead input columns of ``D`` are zeroed. Without it (default) the
+sweep is unchanged.
+
 Numerics: fp32 as the reference (fp64 when the weight is fp64, for exact tests). Pure
 tensors in, tensors out.
 """
@@ -67,12 +75,15 @@ def check_sweep_options(blocksize: int, percdamp: float) -> None:
 
 def gptq_sweep(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid | None = None, *, bits: int | None = None,
                sym: bool = False, group_size: int = -1, blocksize: int = 128, percdamp: float = 0.01,
-               act_order: bool = False, static_groups: bool = False, dead_value: float = 1.0) -> SweepResult:
+               act_order: bool = False, static_groups: bool = False, dead_value: float = 1.0,
+               residual: torch.Tensor | None = None) -> SweepResult:
     """Quantize ``weight`` ``[out, in]`` by the GPTQ sweep under ``hessian``.
 
     ``hessian`` is ``[in, in]``, or ``[heads, in, in]`` with one Hessian per block of
     ``out / heads`` consecutive rows (aespa's per-head objectives); each block of rows is
     then swept with its own Hessian (own damping, own ``act_order`` permutation).
+
+    ``residual``: GPTAQ's ``D`` (module docstring), shaped like ``hessian``.
 
     ``grid``: use this grid (see the module docstring); else min-max grids of ``bits``
     bits (``sym``, ``group_size``, ``static_groups``) as the reference. With
@@ -90,13 +101,14 @@ def gptq_sweep(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid | None = 
     options = dict(bits=grid.bits if grid is not None else bits, sym=sym, group_size=group_size, blocksize=blocksize,
                    percdamp=percdamp, act_order=act_order, static_groups=static_groups, dead_value=dead_value)
     if hessian.dim() == 2:
-        return _sweep(weight, hessian, grid, **options)
+        return _sweep(weight, hessian, grid, residual=residual, **options)
     heads = hessian.shape[0]
     if weight.shape[0] % heads:
         raise ValueError(f"{heads} per-head Hessians do not divide the {weight.shape[0]} rows of the weight")
     rows = weight.shape[0] // heads
     parts = [_sweep(weight[h * rows:(h + 1) * rows], hessian[h],
-                    None if grid is None else _grid_rows(grid, slice(h * rows, (h + 1) * rows)), **options)
+                    None if grid is None else _grid_rows(grid, slice(h * rows, (h + 1) * rows)),
+                    residual=None if residual is None else residual[h], **options)
              for h in range(heads)]
     first = parts[0].grid
     merged = Grid(torch.cat([p.grid.scale for p in parts]), torch.cat([p.grid.zero for p in parts]), first.bits,
@@ -115,7 +127,7 @@ def _fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, max
 
 
 def _sweep(weight, hessian, grid, *, bits, sym, group_size, blocksize, percdamp, act_order, static_groups,
-           dead_value) -> SweepResult:
+           dead_value, residual=None) -> SweepResult:
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
     W = weight.detach().to(dtype).clone()
     rows, cols = W.shape
@@ -140,6 +152,13 @@ def _sweep(weight, hessian, grid, *, bits, sym, group_size, blocksize, percdamp,
         W, H, scale, zero = W[:, perm], H[perm][:, perm], scale[:, perm], zero[:, perm]
 
     U, damp_used = inverse_cholesky_upper(H, percdamp * mean_diag)
+    P = None  # GPTAQ's residual recursion (module docstring)
+    if residual is not None:
+        D = residual.detach().to(device=W.device, dtype=dtype).clone()
+        D[:, dead] = 0
+        if perm is not None:
+            D = D[perm][:, perm]
+        P = torch.triu(D @ U.T, diagonal=1) @ U
     Q = torch.zeros_like(W)
     updated = torch.zeros_like(W)
     losses = torch.zeros(cols, dtype=dtype, device=W.device)
@@ -161,8 +180,12 @@ def _sweep(weight, hessian, grid, *, bits, sym, group_size, blocksize, percdamp,
             e = (w - q) / U1[i, i]
             losses[j] = (e**2).sum() / 2
             W1[:, i:] -= e[:, None] * U1[i, i:][None, :]
+            if P is not None:
+                W1[:, i:] += updated[:, j, None] * P[j, j:i2][None, :]
             err[:, i] = e
         W[:, i2:] -= err @ U[i1:i2, i2:]
+        if P is not None:
+            W[:, i2:] += updated[:, i1:i2] @ P[i1:i2, i2:]
 
     if perm is not None:
         inverse = torch.argsort(perm)

@@ -102,7 +102,7 @@ def query_key_scale(free: torch.Tensor, geometry: Geometry) -> torch.Tensor:
 # --------------------------------------------------------------------------- the three pair transforms
 
 
-def scale_norm(weight, bias, t: ChannelTransform):
+def scale_norm(weight: torch.Tensor, bias: torch.Tensor | None, t: ChannelTransform) -> tuple:
     """Norm output ``y`` -> ``(y - δ) / s``: gain / s, bias (b - δ) / s."""
     if t.shift is not None and bias is None:
         raise ValueError("a shift needs a norm with a bias (LayerNorm); this norm has none")
@@ -110,7 +110,7 @@ def scale_norm(weight, bias, t: ChannelTransform):
     return weight / t.scale, new_bias
 
 
-def scale_input_columns(weight, bias, t: ChannelTransform):
+def scale_input_columns(weight: torch.Tensor, bias: torch.Tensor | None, t: ChannelTransform) -> tuple:
     """Consumer of ``(x - δ) / s``: columns times s, bias + W δ (W before scaling)."""
     new_bias = bias
     if t.shift is not None:
@@ -118,7 +118,7 @@ def scale_input_columns(weight, bias, t: ChannelTransform):
     return weight * t.scale[None, :], new_bias
 
 
-def scale_output_rows(weight, bias, t: ChannelTransform):
+def scale_output_rows(weight: torch.Tensor, bias: torch.Tensor | None, t: ChannelTransform) -> tuple:
     """Producer of ``(y - δ) / s``: rows divided by s, bias (b - δ) / s."""
     if bias is None and t.shift is not None:
         bias = torch.zeros_like(t.shift)

@@ -213,7 +213,7 @@ class QLLM(Method):
                 points.append((group, group.roles[-1], True))
         return points
 
-    def observe(self, block: BlockAdapter, fp_inputs: torch.Tensor, ctx: BlockContext):
+    def observe(self, block: BlockAdapter, fp_inputs: torch.Tensor, ctx: BlockContext) -> tuple:
         """Per-channel ``max|x|`` of every point's input over all windows, the windows the
         search runs on, and the block's full-precision output."""
         stats = ChannelStatistics()
