@@ -110,7 +110,7 @@ def read_records(folder: str | os.PathLike) -> list[dict]:
         if not (isinstance(record, dict) and "schema" in record and "run_id" in record):
             continue
         bad = [k for k, v in ((record.get("metrics") or {}).get("ppl") or {}).items()
-               if not (isinstance(v, (int, float)) and math.isfinite(v))]
+               if isinstance(v, float) and not math.isfinite(v)]
         if bad and record.get("status") == "ok":
             log.warning(f"skipping the record {path}: its perplexity on {', '.join(bad)} is not finite")
             continue

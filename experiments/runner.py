@@ -251,7 +251,8 @@ def make_record(cfg, config: dict, rid: str, method: Method, adapter: ModelAdapt
     """The run's record (``experiments.records``; README, "What a run prints and writes")."""
     record = {
         "schema": 1, "run_id": rid, "status": "ok",
-        "model": cfg.model.name, "family": adapter.family.name, "method": method.name,
+        "model": cfg.model.name, "model_fingerprint": validation.model_fingerprint(cfg.model.path),
+        "family": adapter.family.name, "method": method.name,
         "w_bits": cfg.bits, "a_bits": cfg.act_bits, "group_size": cfg.group_size, "sym": cfg.sym, "seed": cfg.seed,
         "calib": {"dataset": cfg.calib.dataset, "nsamples": cfg.nsamples, "seqlen": seqlen},
         "metrics": metrics,

@@ -180,10 +180,11 @@ def matching_records(records: list[dict], row: dict) -> list[dict]:
 
 def run_setting(record: dict) -> str:
     """Everything that makes two records different runs rather than two seeds of one run:
-    symmetry, calibration (dataset, samples, length), the method's own knobs, the evaluation."""
+    the model's weights (its path and fingerprint), symmetry, calibration (dataset, samples,
+    length), the method's own knobs, the evaluation."""
     config = record.get("config") or {}
-    return json.dumps([record.get("sym"), record.get("calib"), config.get("method"), config.get("eval")],
-                      sort_keys=True, default=str)
+    return json.dumps([(config.get("model") or {}).get("path"), record.get("model_fingerprint"), record.get("sym"),
+                       record.get("calib"), config.get("method"), config.get("eval")], sort_keys=True, default=str)
 
 
 def seeds_of_one_setting(records: list[dict]) -> tuple[list[dict], int]:

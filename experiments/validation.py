@@ -312,6 +312,28 @@ def check_safetensors(path: str, label: str) -> None:
         raise UserError(f"{label}: {os.path.basename(path)} is truncated ({size} of {8 + n + end} bytes)")
 
 
+def model_fingerprint(path: str) -> str:
+    """What identifies the weights a run read: for a local folder a hash of its config, of
+    its weight files' names and sizes and of the first and last MiB of each; for a hub id,
+    the id. Records of two different models that share a name never pass for seeds of one."""
+    import hashlib
+
+    folder = local_model_folder(path)
+    if folder is None:
+        return f"hub:{path}"
+    h = hashlib.sha256()
+    with open(os.path.join(folder, "config.json"), "rb") as f:
+        h.update(f.read())
+    for file in weight_files(folder, f"model.path={path}"):
+        size = os.path.getsize(file)
+        h.update(f"{os.path.basename(file)}:{size}".encode())
+        with open(file, "rb") as f:
+            h.update(f.read(1 << 20))
+            f.seek(max(0, size - (1 << 20)))
+            h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
 def model_bytes(model: dict) -> int | None:
     """Bytes of the model's weights in fp32, from a local folder's files (None for a hub id)."""
     folder = local_model_folder(model["path"])

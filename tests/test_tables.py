@@ -136,6 +136,18 @@ def test_runs_of_another_setting_are_not_averaged_as_seeds(demo, caplog):
     assert "W3 GPTQ on m-a: 3 record(s) of another setting left out" in caplog.text
 
 
+def test_runs_of_another_model_folder_with_the_same_name_are_not_seeds(demo, caplog):
+    """Same model name, other weights (another model.path, another fingerprint): not a seed."""
+    other = record("g3other", "gptq", 3, {"wikitext2": 50.0}, seed=5)
+    other["config"]["model"] = {"path": "/elsewhere/m-a"}
+    other["model_fingerprint"], other["created"] = "0123456789abcdef", "2030-01-01T00:00:00+00:00"
+    (demo / "runs" / "g3other.json").write_text(json.dumps(other))
+    _, cells = build_demo(demo)
+    cell = cells.set_index(["setting", "method", "model", "dataset"]).loc[("W3", "GPTQ", "m-a", "wikitext2")]
+    assert (cell["n"], cell["ours_mean"]) == (1, 50.0)
+    assert "record(s) of another setting left out" in caplog.text
+
+
 def test_cli_writes_markdown_latex_and_csv(demo, capsys):
     out = demo / "out"
     assert tables.main(["demo", "--conf", str(demo / "conf"), "--paper", str(demo / "paper"),
