@@ -58,7 +58,7 @@ from aespa.core.hessian import prepare_hessian
 from aespa.core.method import Method, register
 from aespa.core.options import option
 from aespa.core.pipeline import BlockContext
-from aespa.core.rounding import learn_rounding
+from aespa.core.rounding import RoundingProblem, learn_rounding
 from aespa.core.sweep import gptq_sweep
 from aespa.qparams import hessian_weighted_grid, zfold
 from aespa.statistics import BlockStatistics, QuadraticObjective, collect_block_statistics
@@ -129,7 +129,7 @@ class Aespa(Method):
             objectives, weights = self.objectives(stats, original)
 
         with ctx.phase("qparams"):
-            grids = self.quantization_parameters(ctx.block, original, weights, objectives)
+            grids = self.quantization_parameters(ctx.block, original, weights, objectives, ctx.progress)
 
         starts = weights
         if o.optq_init:
@@ -145,18 +145,24 @@ class Aespa(Method):
                                  f"used {sweep.damping:g}")
 
         with ctx.phase("rounding"):
+            if o.learn_rounding:  # every linear of the block at once (independent problems, shared steps)
+                roles = list(linears)
+                problems = [RoundingProblem(weights[r], grids[r], objectives[r].hessian, objectives[r].head_covariance,
+                                            start=starts[r], name=r,
+                                            round_weight=o.round_weight_qkv if r in ATTENTION_INPUT else o.round_weight)
+                            for r in roles]
+                with ctx.progress("rounding", layer=" ".join(roles), total=o.iters) as task:
+                    results = learn_rounding(problems, iterations=o.iters, lr=o.lr, warmup=o.warmup,
+                                             beta=(o.beta_start, o.beta_end), on_step=task.update)
+                    for role, result in zip(roles, results):
+                        task.log(f"{role}: loss {result.start_loss:.4g} at the start, {result.loss:.4g} rounded")
+                quantized = {role: result.weight for role, result in zip(roles, results)}
+            elif o.optq_init:
+                quantized = starts  # the OPTQ weights (already on the grid)
+            else:
+                quantized = {role: grids[role].fake_quantize(weights[role]) for role in linears}
             for role in linears:
-                if o.learn_rounding:
-                    objective, target = objectives[role], weights[role]
-                    quantized = learn_rounding(
-                        target, grids[role], lambda w_soft: objective(w_soft - target), iterations=o.iters,
-                        lr=o.lr, round_weight=o.round_weight_qkv if role in ATTENTION_INPUT else o.round_weight,
-                        warmup=o.warmup, beta=(o.beta_start, o.beta_end), init_weight=starts[role])
-                elif o.optq_init:
-                    quantized = starts[role]  # the OPTQ weights (already on the grid)
-                else:
-                    quantized = grids[role].fake_quantize(weights[role])
-                ctx.set_weight(role, quantized, grids[role])
+                ctx.set_weight(role, quantized[role], grids[role])
 
     # ------------------------------------------------------------------ the pieces
 
@@ -176,17 +182,23 @@ class Aespa(Method):
             objectives[role], weights[role] = QuadraticObjective(hessian, head_covariance), zero_dead_columns(w, dead)
         return objectives, weights
 
-    def quantization_parameters(self, block: BlockAdapter, original: dict, weights: dict, objectives: dict
-                                ) -> dict[str, Grid]:
-        """Hessian-weighted clipping search per layer; Z-Fold for the family's fold groups."""
+    def quantization_parameters(self, block: BlockAdapter, original: dict, weights: dict, objectives: dict,
+                                progress=None) -> dict[str, Grid]:
+        """Hessian-weighted clipping search per layer; Z-Fold for the family's fold groups
+        (``progress``: ``BlockContext.progress``, one task per fold group)."""
         spec, o = self.spec, self.options
         grids: dict[str, Grid] = {}
         if o.use_zfold and o.zfold_rounds > 0:
             for group in zfold_groups(block):
+                task = progress("qparams", " ".join(group), o.zfold_rounds) if progress is not None else None
                 result = zfold([weights[r] for r in group], [objectives[r].hessian for r in group], spec.bits,
                                spec.sym, spec.group_size, o.zfold_rounds,
                                initial_grids=[minmax_grid(original[r], spec.bits, spec.sym, spec.group_size)
-                                              for r in group])
+                                              for r in group], on_round=None if task is None else task.update)
+                if task is not None:
+                    task.log(f"Z-Fold: {result.rounds} rounds kept, loss {result.initial_loss:.4g} -> "
+                             f"{result.loss:.4g}")
+                    task.close(summary=False)
                 grids.update(zip(group, result.grids))
         for role, w in weights.items():
             if role not in grids:

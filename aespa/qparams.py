@@ -35,6 +35,7 @@ per input column. With one group this is the per-channel search above.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,7 @@ import torch
 from aespa.core.grid import Grid, minmax_grid, minmax_range
 
 CLIP_RATIOS = torch.arange(1.0, 0.0, -0.01)  # 1.00, 0.99, ..., 0.01 (as the reference)
+CHUNK_ELEMENTS = 2**24  # candidates x rows x columns scored at once (bounds memory)
 
 
 def _by_head(x: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
@@ -95,7 +97,7 @@ def hessian_weighted_grid(weight: torch.Tensor, hessian: torch.Tensor, bits: int
         else:
             steps = step.repeat_interleave(2, dim=0)
             zeros = torch.stack([torch.floor(-r_lo / step), torch.ceil(-r_lo / step)], 1).reshape(steps.shape)
-        chunk = max(1, 2**24 // (out_features * size))  # candidates scored at once (bounds memory)
+        chunk = max(1, CHUNK_ELEMENTS // (out_features * size))  # candidates scored at once
         scores = torch.cat([_candidate_scores(w[:, cols], zeta[cols], steps[i:i + chunk], zeros[i:i + chunk], maxq,
                                               hessian, h_gg, cross) for i in range(0, steps.shape[0], chunk)])
         best = scores.argmin(0)  # the first of equal scores, as the reference's strict "<"
@@ -141,9 +143,10 @@ class ZFoldResult:
 
 
 def zfold(weights: list[torch.Tensor], hessians: list[torch.Tensor], bits: int, sym: bool = False,
-          group_size: int = -1, max_rounds: int = 30, initial_grids: list[Grid] | None = None) -> ZFoldResult:
+          group_size: int = -1, max_rounds: int = 30, initial_grids: list[Grid] | None = None,
+          on_round: Callable[[int, float], None] | None = None) -> ZFoldResult:
     """Z-Fold for layers sharing one input (see the module docstring); ``initial_grids``
-    default to the min-max grids of ``weights``."""
+    default to the min-max grids of ``weights``; ``on_round(round, loss)`` after every round."""
     in_features = weights[0].shape[1]
     zeta = torch.ones(in_features, dtype=weights[0].dtype, device=weights[0].device)
     grids = initial_grids or [minmax_grid(w, bits, sym, group_size) for w in weights]
@@ -154,10 +157,12 @@ def zfold(weights: list[torch.Tensor], hessians: list[torch.Tensor], bits: int, 
 
     initial = best_loss = total(grids)
     best_grids, best_zeta, rounds = grids, zeta, 0
-    for _ in range(max_rounds):
+    for i in range(max_rounds):
         zeta = find_zeta(weights, grids, zeta)
         grids = [hessian_weighted_grid(w, h, bits, sym, group_size, zeta) for w, h in zip(weights, hessians)]
         loss = total(grids)
+        if on_round is not None:
+            on_round(i + 1, loss)
         if loss > best_loss:
             break
         best_loss, best_grids, best_zeta, rounds = loss, grids, zeta, rounds + 1

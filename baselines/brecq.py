@@ -175,6 +175,7 @@ class BRECQ(Method):
             p.requires_grad_(False)
         first = last = float("nan")
         start = time.perf_counter()
+        task = ctx.progress("reconstruction", " ".join(weights), iters)
         try:
             with torch.enable_grad():
                 for step in range(iters):
@@ -194,7 +195,9 @@ class BRECQ(Method):
                         first = rec.item()
                     elif step == iters - 1:
                         last = rec.item()
+                    task.update(step + 1, rec.item)
         finally:
+            task.close()
             for p, flag in frozen:
                 p.requires_grad_(flag)
         if ctx.device.type == "cuda":

@@ -261,6 +261,8 @@ class OmniQuant(Method):
         n = ctx.inputs.shape[0]
         epoch_losses: list[float] = []
         last_good: list[torch.Tensor] = []  # the parameters of the last step with a finite loss
+        task = ctx.progress("train", " ".join(k for k, on in (("LET", let_params), ("LWC", self.lwc)) if on),
+                            self.epochs * n)
         try:
             for epoch in range(self.epochs):
                 total = 0.0
@@ -290,8 +292,10 @@ class OmniQuant(Method):
                     loss.backward()
                     optimizer.step()
                     total += loss.item()
+                    task.update(epoch * n + j + 1, total / (j + 1))
                 epoch_losses.append(total / n)
         finally:
+            task.close()
             for p, flag in frozen:
                 p.requires_grad_(flag)
             with torch.no_grad():

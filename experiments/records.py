@@ -2,6 +2,7 @@
 resolved configuration (so a sweep can skip what already ran)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -60,7 +61,9 @@ def read_record(path: str) -> dict | None:
 class RunLock:
     """One process at a time per configuration: an exclusive ``flock`` on
     ``<results_dir>/.lock-<run_id>``, held for the whole run. A second process with the
-    same configuration gets a one-line UserError instead of racing on the record."""
+    same configuration gets a one-line UserError instead of racing on the record. The lock
+    file is removed when the run ends (while still locked), so a finished run leaves only its
+    record."""
 
     def __init__(self, results_dir: str, rid: str):
         self.path = os.path.join(results_dir, f".lock-{rid}")
@@ -83,6 +86,8 @@ class RunLock:
     def __exit__(self, *exc) -> None:
         import fcntl
 
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
         fcntl.flock(self.file, fcntl.LOCK_UN)
         self.file.close()
 

@@ -113,20 +113,6 @@ def test_a_rerun_without_the_checkpoint_differs():
                            ref_model.state_dict()["model.decoder.layers.3.fc1.weight"])
 
 
-def stopping_rtn(spec, stop_at=None):
-    """RTN (weight-activation capable) that stops at block ``stop_at``."""
-    method = get_method("rtn")(spec)
-    quantize_block = method.quantize_block
-
-    def stop_or_quantize(ctx):
-        if ctx.index == stop_at:
-            raise Stop
-        quantize_block(ctx)
-
-    method.quantize_block = stop_or_quantize
-    return method
-
-
 def stopping(name: str, spec: QuantSpec, options: dict, stop_at: int | None = None):
     """A registered method that raises Stop when the pipeline reaches block ``stop_at``."""
     method = get_method(name)(spec, options)
@@ -151,6 +137,8 @@ EVERY_METHOD = [
     ("omniquant", QuantSpec(bits=4, act_bits=4), {"epochs": 1}),
     ("smoothquant", QuantSpec(bits=4, act_bits=6), {}),
     ("qllm", QuantSpec(bits=4, act_bits=4), {"epochs": 1, "blocks_per_chunk": 2}),
+    ("boa", QuantSpec(bits=3), {}),
+    ("turboboa", QuantSpec(bits=3, group_size=16), {}),
 ]
 
 
@@ -162,7 +150,7 @@ def test_every_method_resumed_after_block_2_equals_the_uninterrupted_run(name, s
     from aespa.core.method import METHODS
 
     assert {m[0] for m in EVERY_METHOD} == set(METHODS) - {"none"}, "a method without a resume test"
-    arch = "llama" if name in ("qllm", "aespa") else "opt"
+    arch = "llama" if name in ("qllm", "aespa", "turboboa") else "opt"
     ref_model, ref_result, ref_ppl = _quantize(arch, stopping(name, spec, options))
     checkpoint = BlockCheckpoint(str(tmp_path), name)
     with pytest.raises(Stop):
@@ -182,13 +170,13 @@ def test_activation_quantizers_of_resumed_blocks_come_back(tmp_path):
     """Weight-activation runs: the quantizers of the blocks done before the stop are modules
     and hooks, not tensors; a resumed run must have them on every block."""
     spec = QuantSpec(bits=4, act_bits=4)
-    _, _, ref_ppl = _quantize("llama", stopping_rtn(spec))
-    _, _, weights_only_ppl = _quantize("llama", stopping_rtn(QuantSpec(bits=4)))
+    _, _, ref_ppl = _quantize("llama", stopping("rtn", spec, {}))
+    _, _, weights_only_ppl = _quantize("llama", stopping("rtn", QuantSpec(bits=4), {}))
     assert ref_ppl != weights_only_ppl
     checkpoint = BlockCheckpoint(str(tmp_path), "wa")
     with pytest.raises(Stop):
-        _quantize("llama", stopping_rtn(spec, stop_at=3), checkpoint)
-    model, _, ppl = _quantize("llama", stopping_rtn(spec), checkpoint)
+        _quantize("llama", stopping("rtn", spec, {}, stop_at=3), checkpoint)
+    model, _, ppl = _quantize("llama", stopping("rtn", spec, {}), checkpoint)
     assert ppl == ref_ppl
     assert all(type(lin).__name__ == "QuantInputLinear" for i in range(N_BLOCKS)
                for lin in ModelAdapter(model).block(i).linears().values())

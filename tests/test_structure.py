@@ -105,7 +105,7 @@ def test_bad_method_options_are_one_line_errors_before_loading(name):
 
 
 def test_a_value_inside_its_range_passes_and_keeps_its_type():
-    method = validate(compose("method=qllm", "bits=4", "act_bits=4", "method.lora_alpha=2", "method.rank=8"))
+    method = validate(compose("method=qllm", "bits=4", "act_bits=4", "method.lora_alpha=2", "method.rank=8")).method
     assert method.options.lora_alpha == 2.0 and isinstance(method.options.lora_alpha, float)
     assert method.options.rank == 8 and isinstance(method.options.rank, int)
     with pytest.raises(UserError, match=r"method.rank=8.0 is not allowed; use an integer >= 1"):

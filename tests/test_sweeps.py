@@ -396,7 +396,7 @@ def test_slurm_sweep_writes_four_records_through_sbatch_and_a_rerun_skips_them(s
 @needs_tiny_opt
 @pytest.mark.slurm
 def test_slurm_job_preempted_mid_quantization_requeues_resumes_and_ends_with_the_same_ppl(
-        slurm, tmp_path, uninterrupted_ppl):
+        slurm, tmp_path):
     name = f"ptq-preempt-{uuid.uuid4().hex[:8]}"
     since = (datetime.now() - timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%S")
     env = dict(os.environ, HYDRA_FULL_ERROR="1")
@@ -424,9 +424,10 @@ def test_slurm_job_preempted_mid_quantization_requeues_resumes_and_ends_with_the
     assert f"resuming at block {stopped_at} of {N_BLOCKS}" in logs
     (record,) = _records(tmp_path / "runs")
     assert f"resumed at block {stopped_at} of {N_BLOCKS}" in record["notes"]
-    assert record["metrics"]["ppl"]["wikivital"] == uninterrupted_ppl
+    reference = uninterrupted_ppl(tmp_path / "uninterrupted", KILLED["gptq"])
+    assert record["metrics"]["ppl"]["wikivital"] == reference
     print(f"preempted after block {stopped_at - 1}, resumed at block {stopped_at}; "
-          f"PPL {record['metrics']['ppl']['wikivital']!r} (uninterrupted {uninterrupted_ppl!r})")
+          f"PPL {record['metrics']['ppl']['wikivital']!r} (uninterrupted {reference!r})")
     jobs = _sacct_settled(name, since, 1)
     if jobs is not None:
         assert list(jobs.values()) == ["COMPLETED"]

@@ -32,6 +32,7 @@ from aespa.core.attention import AttentionHook
 from aespa.core.errors import check_finite
 from aespa.core.grid import Grid
 from aespa.core.observe import observe_block, run_block, to_device
+from aespa.core.progress import ProgressLine, ProgressTask
 
 if TYPE_CHECKING:
     from aespa.core.checkpoint import BlockCheckpoint
@@ -115,6 +116,7 @@ class BlockContext:
     grids: dict[str, Grid] = field(default_factory=dict)  # "<block>.<role>" -> grid of the quantized weight
     phases: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # "block <i>: ..." (``note``)
+    progress_line: ProgressLine | None = None  # the run's live progress line (``progress``)
 
     @property
     def block(self) -> BlockAdapter:
@@ -158,6 +160,12 @@ class BlockContext:
         if grid is not None:
             self.grids[f"{block.index}.{role}"] = grid
 
+    def progress(self, phase: str, layer: str = "", total: int | None = None) -> ProgressTask:
+        """A task on the run's progress line (``aespa.core.progress``): block, ``phase``,
+        ``layer``, step of ``total``, loss, elapsed, ETA; one log line when it closes."""
+        line = self.progress_line if self.progress_line is not None else ProgressLine(live=False)
+        return line.task(self.index, phase, layer, total)
+
     def note(self, text: str, block: BlockAdapter | None = None) -> None:
         """Something the record should say about ``block`` (default: the first block)."""
         self.notes.append(f"block {(block or self.block).index}: {text}")
@@ -168,6 +176,8 @@ class BlockContext:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         t = time.perf_counter()
+        if self.progress_line is not None:
+            self.progress_line.phase(self.index, name)
         try:
             yield
         finally:
@@ -217,6 +227,7 @@ def quantize_model(adapter: ModelAdapter, method: Method, calibration: torch.Ten
         check_finite("the input of block 0", {"calibration stream": q_in})
         fp_in = q_in.clone() if method.needs_fp_stream else None
     bar = tqdm(total=n_blocks, initial=start, desc=f"quantize ({method.name})", disable=not progress)
+    line = ProgressLine(live=progress, n_blocks=n_blocks)
     while start < n_blocks:
         end = min(n_blocks, start + max(1, method.span(start, n_blocks)))
         blocks = [adapter.block(i) for i in range(start, end)]
@@ -228,7 +239,7 @@ def quantize_model(adapter: ModelAdapter, method: Method, calibration: torch.Ten
                 fp_out = fp_in
                 for block in blocks:
                     fp_out = run_block(block.module, fp_out, kwargs, device, torch.float32, batch_size)
-        ctx = BlockContext(blocks, q_in, kwargs, device, torch.float32, batch_size, fp_in, fp_out)
+        ctx = BlockContext(blocks, q_in, kwargs, device, torch.float32, batch_size, fp_in, fp_out, progress_line=line)
         method.quantize_block(ctx)
         for block in blocks:
             check_finite(f"block {block.index} after quantization",
@@ -247,6 +258,7 @@ def quantize_model(adapter: ModelAdapter, method: Method, calibration: torch.Ten
             checkpoint.save(adapter, method, {"next_block": end, "q_in": q_in, "fp_in": fp_in, "kwargs": kwargs,
                                               "result": result,
                                               "elapsed_s": result.earlier_s + time.perf_counter() - segment_start})
+    line.close()
     bar.close()
     method.finish(adapter)
     return result

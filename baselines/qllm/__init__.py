@@ -361,6 +361,7 @@ class QLLM(Method):
         non-finite loss. Returns the mean loss of every completed epoch."""
         n = inputs.shape[0]
         epoch_losses, last_good = [], [p.detach().clone() for p in trained]
+        task = ctx.progress("train", f"low-rank correction of {len(ctx.blocks)} blocks", self.epochs * n)
         for epoch in range(self.epochs):
             total_loss = 0.0
             for j in torch.randperm(n).tolist():
@@ -378,10 +379,12 @@ class QLLM(Method):
                 schedule.step()
                 last_good = [p.detach().clone() for p in trained]
                 total_loss += loss.item()
+                task.update(task.step + 1, loss.item())
             else:
                 epoch_losses.append(total_loss / n)
                 continue
             break
+        task.close()
         return epoch_losses
 
     # ------------------------------------------------------------------ step 5: merge, fold, re-quantize
