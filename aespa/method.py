@@ -54,7 +54,7 @@ import torch
 
 from aespa.core.adapters import BlockAdapter
 from aespa.core.grid import Grid, minmax_grid
-from aespa.core.hessian import prepare_hessian
+from aespa.core.hessian import prepare_hessian, zero_dead_columns
 from aespa.core.method import Method, register
 from aespa.core.options import option
 from aespa.core.pipeline import BlockContext
@@ -208,10 +208,3 @@ class Aespa(Method):
     def optq_hessian(self, role: str, stats: BlockStatistics) -> torch.Tensor:
         """The (undamped) Hessian the OPTQ sweep uses: per head for v under ``block_v``."""
         return stats.value_hessian if role == "v" and self.options.block_v else stats.hessians[role]
-
-
-def zero_dead_columns(weight: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
-    """``weight`` ``[out, in]`` with the columns of dead input channels set to 0; a per-head
-    mask ``[heads, in]`` applies to each head's block of rows."""
-    heads = dead.shape[0] if dead.dim() == 2 else 1
-    return (weight.reshape(heads, -1, weight.shape[1]) * ~dead.reshape(heads, 1, -1)).reshape(weight.shape)

@@ -47,28 +47,8 @@ import torch
 
 from aespa.core.attention import AttentionHook, rotation_matrices
 from aespa.core.errors import UserError, check_finite
+from aespa.core.hessian import RunningSecondMoment
 from aespa.core.pipeline import BlockContext
-
-
-class RunningSecondMoment:
-    """E[x xᵀ] over tokens as a running mean, for ``[..., tokens, d]`` batches with any
-    leading (e.g. head) dimensions: the result is ``[..., d, d]``."""
-
-    def __init__(self) -> None:
-        self.mean: torch.Tensor | None = None
-        self.tokens = 0
-
-    def add(self, x: torch.Tensor, leading: int = 0) -> None:
-        """``x``: ``[*lead, tokens, d]`` with ``leading`` leading dims kept apart."""
-        x = x.detach().float()
-        x = x.reshape(*x.shape[:leading], -1, x.shape[-1])
-        n = x.shape[-2]
-        moment = x.transpose(-1, -2) @ x
-        if self.mean is None:
-            self.mean = torch.zeros_like(moment)
-        self.mean *= self.tokens / (self.tokens + n)
-        self.mean += moment / (self.tokens + n)
-        self.tokens += n
 
 
 @dataclass

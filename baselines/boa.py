@@ -62,8 +62,9 @@ Deviations from the reference code (SamsungLabs/TurboBoA), stated:
   same arithmetic up to float rounding); act-order sorts are stable.
 - A clip search's initial best score is +inf (the release starts from 1e10 and so keeps
   the min-max grid for rows whose every score is above 1e10).
-- If a Cholesky factorisation fails, damping is raised ×10 (up to 3 times) and the record
-  gets a note; the release adds 1 % of the mean diagonal until it succeeds.
+- ``percdamp`` is a knob (the release fixes 1 % of the mean diagonal, the default here). If a
+  Cholesky factorisation fails, damping is raised ×10 (up to 3 times) and the record gets a
+  note; the release adds 1 % of the mean diagonal until it succeeds.
 - The row covariances of OPT are those of the query/key outputs with their biases, as the
   release. The attention probabilities are those of the causal attention the model
   computes (the ``ptq`` attention function); the release's OPT loader does not ask for
@@ -80,13 +81,13 @@ from aespa.core.adapters import ModelAdapter
 from aespa.core.clip_search import QPARAM_MODES, search_grid
 from aespa.core.errors import UserError
 from aespa.core.grid import Grid
-from aespa.core.hessian import prepare_hessian
+from aespa.core.hessian import add_damping, prepare_hessian, zero_dead_columns
 from aespa.core.kronecker import kronecker_sweep
 from aespa.core.method import Method, QuantSpec, register
 from aespa.core.options import option
 from aespa.core.pipeline import BlockContext
 from aespa.core.residual import collect_residual_statistics
-from aespa.core.scale_refine import refine_scales
+from aespa.core.scale_refine import refine_grid
 from aespa.core.sweep import gptq_sweep
 from aespa.statistics import collect_block_statistics
 
@@ -174,18 +175,16 @@ class BoA(Method):
         """
         o, spec = self.options, self.spec
         H, dead = prepare_hessian(hessian, o.percdamp, dead_value)
-        heads = dead.shape[0] if dead.dim() == 2 else 1
-        W = (weight.reshape(heads, -1, weight.shape[1]) * ~dead.reshape(heads, 1, -1)).reshape(weight.shape)
+        W = zero_dead_columns(weight, dead)
         if residual is not None:
-            residual = residual * ~dead.reshape(*dead.shape[:-1], 1, dead.shape[-1])
+            residual = zero_dead_columns(residual, dead)
         act_order_col = o.act_order_col and spec.group_size == -1
 
         def grid_of(rows: torch.Tensor, h: torch.Tensor) -> Grid:
             return search_grid(rows, spec.bits, spec.sym, spec.group_size, mode=o.qparam, hessian=h)
 
         if head_covariance is not None:
-            G = head_covariance.clone()
-            G.diagonal(dim1=-2, dim2=-1).add_(o.percdamp * G.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True))
+            G = add_damping(head_covariance.clone(), o.percdamp)  # no dead rows: the release damps G only
             result = kronecker_sweep(W, H, G, grid_of if o.adaptive_qparam else grid_of(W, H),
                                      rows=o.n_quant_rows, residual=residual, act_order_col=act_order_col,
                                      act_order_row=o.act_order_row, refine_iters=o.n_iters if o.refine_qparam else 0,
@@ -197,11 +196,7 @@ class BoA(Method):
                            dead_value=dead_value, residual=residual)
         quantized = sweep.weight_q
         if o.refine_qparam and o.n_iters > 0:
-            codes = grid.quantize(quantized)
-            scale = refine_scales(W, codes, grid.scale, grid.zero, H, group_size=grid.group_size, residual=residual,
-                                  iters=o.n_iters)
-            grid = Grid(scale, grid.zero, grid.bits, grid.group_size)
-            quantized = grid.dequantize(codes)
+            quantized, grid = refine_grid(W, quantized, grid, H, residual=residual, iters=o.n_iters)
         return quantized, grid, sweep.damping > o.percdamp * (1 + 1e-6)
 
 

@@ -58,13 +58,12 @@ import torch
 
 from aespa.core.clip_search import QPARAM_MODES, search_grid
 from aespa.core.errors import UserError
-from aespa.core.grid import Grid
-from aespa.core.hessian import collect_hessians, prepare_hessian
+from aespa.core.hessian import collect_hessians, prepare_hessian, zero_dead_columns
 from aespa.core.method import Method, QuantSpec, register
 from aespa.core.options import option
 from aespa.core.pipeline import BlockContext
 from aespa.core.residual import collect_residual_statistics
-from aespa.core.scale_refine import refine_scales
+from aespa.core.scale_refine import refine_grid
 from aespa.core.sweep import gptq_sweep
 
 
@@ -135,19 +134,14 @@ class GPTQ(Method):
         grid = None
         if o.qparam != "minmax" or o.refine_qparam:
             H, dead = prepare_hessian(hessian, o.percdamp)
-            W = (weight.double() if weight.dtype == torch.float64 else weight.float()) * ~dead
+            W = zero_dead_columns(weight.double() if weight.dtype == torch.float64 else weight.float(), dead)
         if o.qparam != "minmax":
             grid = search_grid(W, spec.bits, spec.sym, spec.group_size, mode=o.qparam, hessian=H)
         result = gptq_sweep(weight, hessian, grid, bits=spec.bits, sym=spec.sym, group_size=spec.group_size,
                             blocksize=o.blocksize, percdamp=o.percdamp, act_order=o.act_order,
                             static_groups=o.static_groups, residual=residual)
         if o.refine_qparam and o.n_iters > 0:
-            grid = result.grid
-            codes = grid.quantize(result.weight_q)
-            dtype = codes.dtype
-            scale = refine_scales(W.to(dtype), codes, grid.scale.to(dtype), grid.zero.to(dtype), H.to(dtype),
-                                  group_size=grid.group_size, iters=o.n_iters,
-                                  residual=None if residual is None else residual.to(dtype) * ~dead)
-            grid = Grid(scale, grid.zero, grid.bits, grid.group_size)
-            result.weight_q, result.grid = grid.dequantize(codes), grid
+            result.weight_q, result.grid = refine_grid(W, result.weight_q, result.grid, H, iters=o.n_iters,
+                                                       residual=None if residual is None else
+                                                       zero_dead_columns(residual, dead))
         return result

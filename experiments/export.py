@@ -383,6 +383,12 @@ def save_fake(model, tokenizer, result, cfg, folder: str, record: dict | None) -
 # --------------------------------------------------------------------------- the model card
 
 
+def vllm_line(bits: int) -> str:
+    if bits in (4, 8):
+        return "vLLM serves these packed weights with its 4- and 8-bit kernels on GPU."
+    return f"vLLM's packed kernels serve 4- and 8-bit weights only, not these {bits}-bit ones."
+
+
 def write_model_card(folder: str, cfg, record: dict | None, adapter: ModelAdapter, scheme: dict | None,
                      fmt: str = "compressed-tensors", folded: bool = False) -> None:
     """``README.md``: base model, method and knobs, grid, calibration, the record's
@@ -432,7 +438,7 @@ def write_model_card(folder: str, cfg, record: dict | None, adapter: ModelAdapte
             f"`pip install compressed-tensors=={COMPRESSED_TENSORS_VERSION}` and:", ""] + load + [
             "",
             "transformers dequantizes the weights at load (`dequantize: true` in config.json), on any device, and "
-            "gives the weights the run evaluated. vLLM's packed kernels serve 4- and 8-bit weights on GPU.",
+            "gives the weights the run evaluated. " + vllm_line(scheme["num_bits"]),
         ]
         if folded:
             lines += ["", "Z-Fold's per-input-channel factors are folded into the norms and into the rows of the "

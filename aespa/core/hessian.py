@@ -12,9 +12,13 @@ tokens ``X`` updates ``H <- H n/(n+m) + 2/(n+m) XᵀX``. ``n`` counts *sequences
 tokens; the scale does not matter downstream because damping is relative to the mean
 diagonal.
 
-``prepare_hessian`` (dead input channels, relative damping) and
-``inverse_cholesky_upper`` (the upper Cholesky factor of ``H⁻¹`` that the column sweep
-reads, with a damping fallback) are shared by GPTQ and aespa's OPTQ initialisation.
+``RunningSecondMoment`` keeps the token mean ``E[x yᵀ]`` instead (aespa's statistics,
+the residual term of GPTAQ/TurboBoA).
+
+``prepare_hessian`` (dead input channels, relative damping: ``add_damping``),
+``zero_dead_columns`` and ``inverse_cholesky_upper`` (the upper Cholesky factor of ``H⁻¹``
+that the column sweeps read, with a damping fallback) are shared by GPTQ, aespa, BoA and
+TurboBoA.
 """
 from __future__ import annotations
 
@@ -49,6 +53,32 @@ class HessianAccumulator:
         self.nsamples += m
         tokens = math.sqrt(2 / self.nsamples) * tokens
         self.hessian += tokens.t() @ tokens
+
+
+class RunningSecondMoment:
+    """``E[x yᵀ]`` over tokens as a running mean (``y = x`` by default: ``E[x xᵀ]``), for
+    ``[..., tokens, d]`` batches; ``leading`` leading dimensions (e.g. heads) are kept apart,
+    so the result is ``[*lead, d, d]``. fp32."""
+
+    def __init__(self) -> None:
+        self.mean: torch.Tensor | None = None
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor | None = None, leading: int = 0) -> None:
+        """``x`` (and ``y``, shaped like it): ``[*lead, tokens, d]`` with ``leading`` leading
+        dims kept apart; every other dim counts tokens."""
+        x = x.detach().float()
+        x = x.reshape(*x.shape[:leading], -1, x.shape[-1])
+        if y is not None:
+            y = y.detach().float()
+            y = y.reshape(*y.shape[:leading], -1, y.shape[-1])
+        n = x.shape[-2]
+        moment = x.transpose(-1, -2) @ (x if y is None else y)
+        if self.mean is None:
+            self.mean = torch.zeros_like(moment)
+        self.mean *= self.tokens / (self.tokens + n)
+        self.mean += moment / (self.tokens + n)
+        self.tokens += n
 
 
 def collect_hessians(ctx: BlockContext, roles: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -92,8 +122,22 @@ def prepare_hessian(hessian: torch.Tensor, percdamp: float, dead_value: float = 
     diag = h.diagonal(dim1=-2, dim2=-1)
     dead = diag == 0
     diag[dead] = dead_value
+    return add_damping(h, percdamp), dead
+
+
+def add_damping(matrix: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """``M += percdamp · mean(diag M) · I`` in place, per matrix of ``[..., n, n]``; returns ``M``."""
+    diag = matrix.diagonal(dim1=-2, dim2=-1)
     diag += percdamp * diag.mean(dim=-1, keepdim=True)
-    return h, dead
+    return matrix
+
+
+def zero_dead_columns(weight: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """``weight`` ``[out, in]`` with the columns of dead input channels set to 0 (a copy); a
+    per-head mask ``[heads, in]`` applies to each head's block of ``out / heads`` rows. Also
+    for a residual term ``D`` ``[in, in]`` or ``[heads, in, in]`` (its dead columns)."""
+    heads = dead.shape[0] if dead.dim() == 2 else 1
+    return (weight.reshape(heads, -1, weight.shape[-1]) * ~dead.reshape(heads, 1, -1)).reshape(weight.shape)
 
 
 def _try_inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor | None:

@@ -30,32 +30,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from aespa.core.attention import AttentionHook
+from aespa.core.hessian import RunningSecondMoment
 from aespa.core.observe import observe_block
 
 if TYPE_CHECKING:
     from aespa.core.pipeline import BlockContext
 
 VALUE_BUDGET_BYTES = 2**28
-
-
-class RunningCrossMoment:
-    """E[a bᵀ] over tokens as a running mean, for ``[..., tokens, d]`` batches; ``leading``
-    leading dimensions (e.g. heads) are kept apart: the result is ``[*lead, d, d]``."""
-
-    def __init__(self) -> None:
-        self.mean: torch.Tensor | None = None
-        self.tokens = 0
-
-    def add(self, a: torch.Tensor, b: torch.Tensor, leading: int = 0) -> None:
-        a = a.detach().float().reshape(*a.shape[:leading], -1, a.shape[-1])
-        b = b.detach().float().reshape(*b.shape[:leading], -1, b.shape[-1])
-        n = a.shape[-2]
-        moment = a.transpose(-1, -2) @ b
-        if self.mean is None:
-            self.mean = torch.zeros_like(moment)
-        self.mean *= self.tokens / (self.tokens + n)
-        self.mean += moment / (self.tokens + n)
-        self.tokens += n
 
 
 @dataclass
@@ -83,8 +64,8 @@ def collect_residual_statistics(ctx: BlockContext, roles: Iterable[str], *, valu
     if value and "v" not in source:
         raise ValueError("the value residual needs 'v' among the roles")
     hooked = sorted(set(source.values()))
-    moments = {r: RunningCrossMoment() for r in hooked}
-    value_moment = RunningCrossMoment()
+    moments = {r: RunningSecondMoment() for r in hooked}
+    value_moment = RunningSecondMoment()
     kv_heads = block.geometry.num_kv_heads
     step = ctx.batch_size
     if value:

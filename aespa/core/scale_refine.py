@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import torch
 
+from aespa.core.grid import Grid
+
 
 def layer_objective(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor,
                     head_covariance: torch.Tensor | None = None, residual: torch.Tensor | None = None
@@ -110,6 +112,24 @@ def refine_scales(weight: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor
                 E[:, r, cols] -= (new - S[:, r, g])[:, None] * z
                 S[:, r, g] = new
     return S.reshape(out_features, n_groups)
+
+
+def refine_grid(weight: torch.Tensor, quantized: torch.Tensor, grid: Grid, hessian: torch.Tensor, *,
+                residual: torch.Tensor | None = None, iters: int = 1) -> tuple[torch.Tensor, Grid]:
+    """Stage 2 for a plain layer: the integer codes of ``quantized`` on ``grid`` frozen, the
+    grid's scales refined by :func:`refine_scales` against the target ``weight`` (dead
+    columns zeroed) under ``hessian`` (damped) and ``residual`` (scaled by α, dead columns
+    zeroed). Returns the weight on the refined grid and that grid (zero points unchanged);
+    computed in the dtype of the codes."""
+    if grid.col_scale is not None:
+        raise ValueError("refine_grid cannot refine a grid with a per-column factor")
+    codes = grid.quantize(quantized)
+    dtype = codes.dtype
+    scale = refine_scales(weight.to(dtype), codes, grid.scale.to(dtype), grid.zero.to(dtype), hessian.to(dtype),
+                          group_size=grid.group_size, iters=iters,
+                          residual=None if residual is None else residual.to(dtype))
+    refined = Grid(scale, grid.zero, grid.bits, grid.group_size)
+    return refined.dequantize(codes), refined
 
 
 def _step(scale: torch.Tensor, numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:

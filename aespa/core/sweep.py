@@ -51,7 +51,7 @@ import torch
 
 from aespa.core.errors import UserError
 from aespa.core.grid import Grid, check_group_size, minmax_grid
-from aespa.core.hessian import inverse_cholesky_upper, prepare_hessian
+from aespa.core.hessian import inverse_cholesky_upper, prepare_hessian, zero_dead_columns
 
 
 @dataclass
@@ -138,7 +138,7 @@ def _sweep(weight, hessian, grid, *, bits, sym, group_size, blocksize, percdamp,
 
     H, dead = prepare_hessian(hessian.detach().to(device=W.device, dtype=dtype), percdamp, dead_value)
     mean_diag = H.diagonal().mean().item() / (1 + percdamp)  # mean diagonal before damping
-    W[:, dead] = 0
+    W = zero_dead_columns(W, dead)
     if grid is None and static_groups:
         grid = minmax_grid(W, bits, sym, group_size)
 
@@ -154,8 +154,7 @@ def _sweep(weight, hessian, grid, *, bits, sym, group_size, blocksize, percdamp,
     U, damp_used = inverse_cholesky_upper(H, percdamp * mean_diag)
     P = None  # GPTAQ's residual recursion (module docstring)
     if residual is not None:
-        D = residual.detach().to(device=W.device, dtype=dtype).clone()
-        D[:, dead] = 0
+        D = zero_dead_columns(residual.detach().to(device=W.device, dtype=dtype), dead)
         if perm is not None:
             D = D[perm][:, perm]
         P = torch.triu(D @ U.T, diagonal=1) @ U
