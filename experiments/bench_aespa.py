@@ -186,8 +186,10 @@ def bench(model_name: str, nsamples: int, bits: int, iters: int, device: torch.d
 
     from aespa.core.observe import run_block
     from aespa.core.pipeline import capture_inputs, quantize_model
-    from experiments.runner import REPO, DataCache, DataSource, in_repo, load, seed_everything, validate
+    from experiments.methods import load_methods
+    from experiments.runner import REPO, DataCache, DataSource, in_repo, load, local_paths, seed_everything, validate
 
+    load_methods()  # a fresh process: the methods offered to Hydra as method=<name>
     with initialize_config_dir(config_dir=os.path.join(REPO, "conf"), version_base="1.3"):
         overrides = [f"model={model_name}", "method=aespa", f"bits={bits}", f"nsamples={nsamples}",
                      f"method.iters={iters}", "dtype=float32"]
@@ -195,7 +197,7 @@ def bench(model_name: str, nsamples: int, bits: int, iters: int, device: torch.d
     method = validate(cfg).method
     seed_everything(cfg.seed)
     model, tokenizer, adapter, seqlen = load(cfg, method, torch.float32)
-    calibration = DataSource(DataCache(in_repo(cfg.cache_dir)), dict(cfg.data_paths or {}), tokenizer,
+    calibration = DataSource(DataCache(in_repo(cfg.cache_dir)), local_paths(cfg), tokenizer,
                              seqlen).calibration(cfg.calib.dataset, nsamples, cfg.seed)
     n_blocks = len(adapter.blocks)
     block = adapter.block(0)

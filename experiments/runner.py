@@ -34,7 +34,7 @@ from aespa.core.method import Method
 from aespa.core.pipeline import QuantizeResult, quantize_model
 from experiments import records, sweeps, validation
 from experiments.data import DataCache, calibration_windows, evaluation_windows
-from experiments.validation import REPO, Checked, check_model_folder, in_repo, local_model_folder
+from experiments.validation import REPO, Checked, check_model_folder, in_repo, local_model_folder, local_paths
 
 log = logging.getLogger(__name__)
 resolve_device = validation.resolve_device  # for the benchmark scripts
@@ -116,7 +116,7 @@ def run(cfg, config_dict: dict | None = None) -> dict:
         started = time.perf_counter()
         try:
             model, tokenizer, adapter, seqlen = load(cfg, method, dtype)
-            data = DataSource(DataCache(in_repo(cfg.cache_dir)), dict(cfg.data_paths or {}), tokenizer, seqlen)
+            data = DataSource(DataCache(in_repo(cfg.cache_dir)), local_paths(cfg), tokenizer, seqlen)
             test_windows, tasks = prepare_evaluation(cfg, data)
 
             t0 = time.perf_counter()

@@ -68,12 +68,16 @@ GROUPS = {
                "entity": ("str | None", None), "mode": (str, Rule(choices=("auto", "online", "offline")))},
 }
 REQUIRED = {"model": ("name", "path", "seqlen"), "calib": ("dataset",), "eval": ("datasets",), "logger": ("name",)}
-SCRIPT_DATASETS = ("ptb", "ptb-new")  # loading scripts: the pinned datasets (5.x) cannot run them
 
 
 def in_repo(path: str) -> str:
     """Relative paths are taken from the repo root (whatever the working directory)."""
     return path if os.path.isabs(path) else os.path.join(REPO, path)
+
+
+def local_paths(cfg) -> dict[str, str]:
+    """``data_paths``, each resolved against the repo root as validation checked it."""
+    return {name: in_repo(path) for name, path in (cfg.data_paths or {}).items()}
 
 
 @dataclass
@@ -202,21 +206,24 @@ def check_method(config: dict) -> Method:
 
 
 def check_datasets(config: dict, quantizing: bool) -> None:
-    """The datasets the run reads exist where it will look for them."""
+    """The datasets the run reads exist where it will look for them: a local override laid out
+    like the hub repository has the split; offline, a hub set is in the hub cache."""
+    from experiments.data import HUB_SOURCES, TEST_SPLITS, cached_hub_file, hub_source, split_files
+
     paths = config["data_paths"]
-    needed = list(config["eval"]["datasets"]) + ([config["calib"]["dataset"]] if quantizing else [])
-    for name in needed:
-        source = name.split("-")[0] if name.startswith(("c4", "ptb")) else name
+    needed = [(name, TEST_SPLITS[name]) for name in config["eval"]["datasets"]]
+    if quantizing:
+        needed.append((config["calib"]["dataset"], "train"))
+    for name, split in needed:
+        source = hub_source(name)
         if name == "wikivital":
             wikivital_file()
-        elif name in SCRIPT_DATASETS and source not in paths:
-            raise UserError(f"dataset {name} is a loading-script dataset on the hub, which the pinned datasets "
-                            f"library cannot run; point ++data_paths.ptb at local files or drop {name} from "
-                            f"eval.datasets (e.g. eval.datasets=[wikitext2,c4-new])")
-        elif source not in paths and _offline():
+        elif source in paths:
+            split_files(in_repo(paths[source]), HUB_SOURCES[source], split)
+        elif _offline() and cached_hub_file(name, split) is None:
             raise UserError(f"dataset {name} needs the hub, which is offline here (HF_DATASETS_OFFLINE / "
-                            f"HF_HUB_OFFLINE); point ++data_paths.{source}=/path/to/files at local files or use "
-                            f"wikivital")
+                            f"HF_HUB_OFFLINE), and its {split} file is not in the hub cache; point "
+                            f"++data_paths.{source}=/path/to/files at local files or use wikivital")
 
 
 def _offline() -> bool:

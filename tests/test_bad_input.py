@@ -121,7 +121,7 @@ CASES = [
     ("eval-max-neg", ["eval.max_windows=-1"], ["eval.max_windows=-1"]),
     ("eval-max-text", ["eval.max_windows=abc"], ["eval.max_windows='abc'"]),
     ("eval-empty", ["eval.datasets=[]"], ["nothing would be evaluated"]),
-    ("eval-ptb", ["eval.datasets=[ptb-new]"], ["ptb-new", "loading-script", "data_paths.ptb"]),
+    ("eval-ptb", ["eval.datasets=[ptb-new]"], ["ptb-new", "offline", "not in the hub cache", "++data_paths.ptb"]),
     ("eval-hub-offline", ["eval.datasets=[wikitext2]"], ["wikitext2", "offline", "++data_paths.wikitext2"]),
     ("calib-unknown", ["calib.dataset=pile"], ["calib.dataset='pile'", "wikivital"]),
     ("calib-hub-offline", ["calib=c4"], ["dataset c4", "offline"]),
@@ -226,6 +226,19 @@ def test_unwritable_folders_are_refused_up_front(dirs, capsys, tmp_path):
 
 
 # --------------------------------------------------------------------------- local data files
+
+
+def test_a_hub_layout_folder_without_the_split_is_named_before_loading(dirs, capsys, tmp_path):
+    """A folder laid out like the hub repository that lacks the test file: one line with the
+    command that fetches it, before the model loads."""
+    train = "wikitext-2-raw-v1/train-00000-of-00001.parquet"
+    (tmp_path / "wt2" / "wikitext-2-raw-v1").mkdir(parents=True)
+    shutil.copy(os.path.join(os.path.dirname(__file__), "fixtures", "hub", "Salesforce", "wikitext", train),
+                tmp_path / "wt2" / train)
+    code, _, err = cli(capsys, *fast(dirs), "eval.datasets=[wikitext2]", f"++data_paths.wikitext2={tmp_path / 'wt2'}")
+    assert code == 2
+    assert_one_error_line(err, "lacks wikitext-2-raw-v1/test-00000-of-00001.parquet", "hf download Salesforce/wikitext")
+    assert no_records(dirs)
 
 
 def test_a_local_data_file_that_is_not_json_is_one_line(dirs, capsys, tmp_path):
