@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import shutil
 import struct
@@ -69,6 +70,8 @@ GROUPS = {
 }
 REQUIRED = {"model": ("name", "path", "seqlen"), "calib": ("dataset",), "eval": ("datasets",), "logger": ("name",)}
 
+log = logging.getLogger(__name__)
+
 
 def in_repo(path: str) -> str:
     """Relative paths are taken from the repo root (whatever the working directory)."""
@@ -101,6 +104,7 @@ def validate(cfg) -> Checked:
     quantizing = method.name != "none"
     check_datasets(config, quantizing)
     check_model_source(config["model"])
+    check_architecture(config, method)
     if quantizing:
         check_stream_memory(config, method, device)
     check_directories(config, quantizing, method)
@@ -339,6 +343,45 @@ def model_fingerprint(path: str) -> str:
             f.seek(max(0, size - (1 << 20)))
             h.update(f.read(1 << 20))
     return h.hexdigest()[:16]
+
+
+def model_config_file(path: str) -> str | None:
+    """The model's config.json on this machine (a local folder, or the hub cache), or None."""
+    folder = local_model_folder(path)
+    if folder is not None:
+        return os.path.join(folder, "config.json")
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(path, "config.json")
+    return cached if isinstance(cached, str) else None
+
+
+def check_architecture(config: dict, method: Method) -> None:
+    """The checks that need the model's shapes but not its weights, on the architecture built
+    from config.json on the meta device (no memory, no weights read): the context holds
+    ``seqlen``; the family is supported; the method accepts the widths (``Method.check``:
+    group size, BoA's row count per head). Skipped when config.json is not on this machine."""
+    file = model_config_file(config["model"]["path"])
+    if file is None:
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from aespa.core.adapters import ModelAdapter
+    from aespa.core.attention import register_attention
+
+    try:
+        model_config = AutoConfig.from_pretrained(os.path.dirname(file))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_config, attn_implementation=register_attention())
+    except (OSError, ValueError, KeyError) as e:  # the loader reports an unreadable model in its own words
+        log.debug("architecture check skipped: %s", e)
+        return
+    seqlen = config["seqlen"] or config["model"]["seqlen"]
+    context = getattr(model_config, "max_position_embeddings", None)
+    if context is not None and seqlen > context:
+        raise UserError(f"seqlen={seqlen} exceeds the model's context of {context} positions; allowed: 2..{context}")
+    if method.name != "none":
+        method.check(ModelAdapter(model))
 
 
 def model_bytes(model: dict) -> int | None:

@@ -190,6 +190,25 @@ def test_damaged_model_folders_are_named_before_loading(damage, expected, dirs, 
     assert no_records(dirs)
 
 
+@pytest.mark.parametrize("overrides,expected", [
+    (["method=turboboa", "method.n_quant_rows=65"], "method.n_quant_rows=65 is above the head dimension"),
+    (["group_size=100"], "group_size=100 does not divide the input width 256"),
+    (["seqlen=4096"], "exceeds the model's context of 1024"),
+])
+def test_shape_errors_come_before_any_weight_loads(overrides, expected, dirs, capsys, monkeypatch):
+    """The architecture built on the meta device from config.json is enough to refuse these."""
+    import experiments.runner as runner
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights loaded before the shape check")
+
+    monkeypatch.setattr(runner, "load_model", no_loading)
+    code, _, err = cli(capsys, *fast(dirs), *overrides)
+    assert code == 2
+    assert_one_error_line(err, expected)
+    assert no_records(dirs)
+
+
 def test_save_dir_inside_the_model_folder_is_refused(dirs, capsys):
     folder = _copy_model(dirs)
     for target in (folder, folder / "quantized"):
