@@ -35,7 +35,6 @@ benchmark loops over models and calibration sizes and prints one table.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
 import platform
 import resource
@@ -245,25 +244,11 @@ def bench(model_name: str, nsamples: int, bits: int, iters: int, device: torch.d
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
-def _child(args, queue) -> None:
-    torch.set_num_threads(args[-1])
-    try:
-        queue.put(("ok", bench(*args[:-1])))
-    except Exception as e:  # reported in the table's place
-        queue.put(("error", f"{type(e).__name__}: {e}"))
-
-
 def bench_isolated(model: str, nsamples: int, bits: int, iters: int, device, threads: int) -> dict:
     """:func:`bench` in a fresh process (its own peak RSS and thread count)."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=((model, nsamples, bits, iters, device, threads), queue))
-    proc.start()
-    status, payload = queue.get()
-    proc.join()
-    if status != "ok":
-        raise RuntimeError(payload)
-    return payload
+    from experiments.isolated import run_isolated
+
+    return run_isolated(bench, model, nsamples, bits, iters, device, threads=threads)
 
 
 # --------------------------------------------------------------------------- report

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import multiprocessing as mp
 import os
 import sys
 from dataclasses import dataclass
@@ -126,36 +125,24 @@ def model_shapes(model_path: str) -> tuple:
 # --------------------------------------------------------------------------- runs
 
 
-def _child(overrides: list[str], threads: int | None, queue) -> None:
-    """One run in a fresh process (its own peak RSS): compose the config, run, send the record."""
-    try:
-        import torch
-        from hydra import compose, initialize_config_dir
+def run_config(overrides: list[str]) -> dict:
+    """One run (composed like ``run.py``); its record."""
+    from hydra import compose, initialize_config_dir
 
-        if threads:
-            torch.set_num_threads(threads)
+    from experiments.methods import load_methods
+    from experiments.runner import run
 
-        from experiments.runner import run
-
-        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-            cfg = compose(config_name="config", overrides=overrides)
-        queue.put(("ok", run(cfg)))
-    except UserError as e:
-        queue.put(("error", str(e)))
-    except Exception as e:  # reported, the benchmark goes on with the other methods
-        queue.put(("error", f"{type(e).__name__}: {e}"))
+    load_methods()  # a fresh process: the methods offered to Hydra as method=<name>
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    return run(cfg)
 
 
 def run_isolated(overrides: list[str], threads: int | None = None) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(overrides, threads, queue))
-    proc.start()
-    status, payload = queue.get()
-    proc.join()
-    if status != "ok":
-        raise RuntimeError(payload)
-    return payload
+    """:func:`run_config` in a fresh process (its own peak RSS and thread count)."""
+    from experiments import isolated
+
+    return isolated.run_isolated(run_config, overrides, threads=threads)
 
 
 def available_methods(requested: list[str] | None) -> list[str]:

@@ -1,0 +1,35 @@
+"""Run a function in a fresh process: its own peak RSS, thread count and imports (the
+benchmarks measure one configuration per process)."""
+from __future__ import annotations
+
+import multiprocessing as mp
+from collections.abc import Callable
+
+from aespa.core.errors import UserError
+
+
+def _child(fn: Callable, args: tuple, threads: int | None, queue) -> None:
+    try:
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        queue.put(("ok", fn(*args)))
+    except UserError as e:
+        queue.put(("error", str(e)))
+    except Exception as e:  # reported in the result's place; the caller goes on with the others
+        queue.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def run_isolated(fn: Callable, *args, threads: int | None = None):
+    """``fn(*args)`` in a spawned process with ``threads`` torch threads; its return value, or
+    RuntimeError with the child's one-line error. ``fn`` must be importable (module level)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(fn, args, threads, queue))
+    proc.start()
+    status, payload = queue.get()
+    proc.join()
+    if status != "ok":
+        raise RuntimeError(payload)
+    return payload
