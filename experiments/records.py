@@ -31,10 +31,18 @@ def is_quantized(config: dict) -> bool:
     return method != "none" and (config.get("bits", 16) < 16 or config.get("act_bits", 16) < 16)
 
 
+# model keys that only matter for an architecture twin (model.twin=true, experiments/twins.py): a run
+# of the real model is the same run whatever they are
+TWIN_ONLY = ("arch", "twin", "twin_layers", "twin_hidden")
+
+
 def run_id(config: dict) -> str:
     """A stable 12-hex id of the configuration that determines the result."""
     ignored = NON_SEMANTIC + (() if is_quantized(config) else QUANTIZATION_ONLY)
     semantic = {k: v for k, v in config.items() if k not in ignored}
+    model = semantic.get("model")
+    if isinstance(model, dict) and not model.get("twin"):
+        semantic["model"] = {k: v for k, v in model.items() if k not in TWIN_ONLY}
     return hashlib.sha256(json.dumps(semantic, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

@@ -177,9 +177,15 @@ class RecordNotWritten(Exception):
 
 
 def load(cfg, method: Method, dtype: torch.dtype) -> tuple:
-    """The model (its outlier variant where the model config asks for it), its tokenizer,
-    its family adapter and the window length; checked against the method."""
-    model, tokenizer = load_model(cfg.model.path, dtype)
+    """The model (its outlier variant where the model config asks for it; its architecture twin
+    with ``model.twin=true``), its tokenizer, its family adapter and the window length; checked
+    against the method."""
+    if cfg.model.get("twin"):
+        from experiments.twins import build_twin
+
+        model, tokenizer = build_twin(cfg.model, cfg.seed, dtype)
+    else:
+        model, tokenizer = load_model(cfg.model.path, dtype)
     adapter = ModelAdapter(model)
     check_finite("the loaded model", {name: p for name, p in model.named_parameters()})
     if cfg.model.get("outliers"):  # the outlier variant of a model (experiments/outliers.py)
@@ -251,7 +257,7 @@ def make_record(cfg, config: dict, rid: str, method: Method, adapter: ModelAdapt
     """The run's record (``experiments.records``; README, "What a run prints and writes")."""
     record = {
         "schema": 1, "run_id": rid, "status": "ok",
-        "model": cfg.model.name, "model_fingerprint": validation.model_fingerprint(cfg.model.path),
+        "model": model_name(cfg), "model_fingerprint": model_fingerprint(cfg),
         "family": adapter.family.name, "method": method.name,
         "w_bits": cfg.bits, "a_bits": cfg.act_bits, "group_size": cfg.group_size, "sym": cfg.sym, "seed": cfg.seed,
         "calib": {"dataset": cfg.calib.dataset, "nsamples": cfg.nsamples, "seqlen": seqlen},
@@ -271,12 +277,30 @@ def make_record(cfg, config: dict, rid: str, method: Method, adapter: ModelAdapt
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "notes": list(result.notes),
     }
+    if cfg.model.get("twin"):
+        from experiments.twins import describe
+
+        record["twin"] = describe(cfg.model)
     return record
+
+
+def model_name(cfg) -> str:
+    """The record's model: the config's name, ``<name>-twin`` for an architecture twin (whose
+    numbers never stand for the real model's in a table)."""
+    return f"{cfg.model.name}-twin" if cfg.model.get("twin") else cfg.model.name
+
+
+def model_fingerprint(cfg) -> str:
+    if cfg.model.get("twin"):
+        from experiments.twins import fingerprint
+
+        return fingerprint(cfg.model)
+    return validation.model_fingerprint(cfg.model.path)
 
 
 def failed_record(cfg, config: dict, rid: str, method: Method, error: str, seconds: float) -> dict:
     """The record of a run stopped by a non-finite value (tables and plots skip it)."""
-    return {"schema": 1, "run_id": rid, "status": "failed", "error": error, "model": cfg.model.name,
+    return {"schema": 1, "run_id": rid, "status": "failed", "error": error, "model": model_name(cfg),
             "method": method.name, "w_bits": cfg.bits, "a_bits": cfg.act_bits, "group_size": cfg.group_size,
             "sym": cfg.sym, "seed": cfg.seed, "time": {"elapsed_s": round(seconds, 3)}, "config": config,
             "env": {"git_commit": records.git_commit(REPO), "hostname": records.hostname()},

@@ -60,7 +60,9 @@ TOP = {
 }
 GROUPS = {
     "model": {"name": (str, None), "path": (str, None), "seqlen": (int, Rule(low=2)), "calib": (str, None),
-              "eval": (list, None), "size_b": (float, Rule(positive=True)), "outliers": ("dict | None", None)},
+              "eval": (list, None), "size_b": (float, Rule(positive=True)), "outliers": ("dict | None", None),
+              "arch": ("dict | None", None), "twin": (bool, None), "twin_layers": ("int | None", Rule(low=1)),
+              "twin_hidden": ("int | None", Rule(low=1))},
     "calib": {"dataset": (str, Rule(choices=CALIBRATION_SETS))},
     "eval": {"datasets": (list, None), "max_windows": ("int | None", Rule(low=1)), "zeroshot": (list, None),
              "zeroshot_batch_size": (int, Rule(low=1)), "zeroshot_limit": ("int | None", Rule(low=1)),
@@ -250,8 +252,13 @@ def local_model_folder(path: str) -> str | None:
 
 
 def check_model_source(model: dict) -> None:
-    """A local folder is complete; a hub id is reachable (or cached when the hub is offline)."""
+    """A local folder is complete; a hub id is reachable (or cached when the hub is offline);
+    an architecture twin (``model.twin``) has the facts it is built from and a head geometry
+    its width keeps (``experiments.twins``)."""
     path = model["path"]
+    if model.get("twin"):
+        check_twin(model)
+        return
     folder = local_model_folder(path)
     if folder is None:
         if _offline():
@@ -262,6 +269,17 @@ def check_model_source(model: dict) -> None:
                                 f"use a local folder: model.path=/path/to/{path.split('/')[-1]}")
         return
     check_model_folder(folder, f"model.path={path}")
+
+
+def check_twin(model: dict) -> None:
+    """``model.twin=true`` on a hub model with architecture facts whose twin keeps its geometry."""
+    from experiments.twins import twin_facts
+
+    if local_model_folder(model["path"]) is not None:
+        raise UserError(f"model.twin=true builds the model from its architecture facts (model.arch), but "
+                        f"model.path={model['path']} is a local model folder, which is loaded as it is; "
+                        f"drop model.twin, or use a paper model config (e.g. model=opt-125m model.twin=true)")
+    twin_facts(model)
 
 
 def check_model_folder(folder: str, label: str) -> None:
@@ -360,17 +378,24 @@ def check_architecture(config: dict, method: Method) -> None:
     """The checks that need the model's shapes but not its weights, on the architecture built
     from config.json on the meta device (no memory, no weights read): the context holds
     ``seqlen``; the family is supported; the method accepts the widths (``Method.check``:
-    group size, BoA's row count per head). Skipped when config.json is not on this machine."""
-    file = model_config_file(config["model"]["path"])
-    if file is None:
-        return
+    group size, BoA's row count per head). Skipped when config.json is not on this machine.
+    An architecture twin is built from its own configuration (``experiments.twins``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from aespa.core.adapters import ModelAdapter
     from aespa.core.attention import register_attention
 
+    twin = config["model"].get("twin")
+    file = None if twin else model_config_file(config["model"]["path"])
+    if file is None and not twin:
+        return
     try:
-        model_config = AutoConfig.from_pretrained(os.path.dirname(file))
+        if twin:
+            from experiments.twins import twin_config
+
+            model_config = twin_config(config["model"])
+        else:
+            model_config = AutoConfig.from_pretrained(os.path.dirname(file))
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(model_config, attn_implementation=register_attention())
     except (OSError, ValueError, KeyError) as e:  # the loader reports an unreadable model in its own words
@@ -470,6 +495,10 @@ def check_writable(key: str, path: str) -> str:
 
 
 def _hidden_size(model: dict) -> int | None:
+    if model.get("twin"):
+        from experiments.twins import twin_facts
+
+        return twin_facts(model, vocab_size=0)["hidden_size"]  # (the vocabulary does not matter here)
     folder = local_model_folder(model["path"])
     if folder is None:
         return None
