@@ -74,10 +74,14 @@ def zfold_groups(block: BlockAdapter) -> tuple[tuple[str, ...], ...]:
 
     - the gate/up pair of a SwiGLU MLP (the reference does not fold there), and
     - o under grouped-query attention: a factor on o's input would fold into the rows of
-      v, which several query heads share.
+      v, which several query heads share;
+    - linears that read the residual stream itself (q/k/v and fc1 of post-LayerNorm OPT,
+      OPT-350M): no op of their own feeds them, so there is nothing to fold ζ into.
     """
     groups = []
     for group in block.groups:
+        if not block.family.foldable(group.feeder):
+            continue
         if block.family.mlp == "swiglu" and "gate" in group.roles:
             continue
         if group.feeder == "v" and block.geometry.kv_group > 1:

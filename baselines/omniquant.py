@@ -22,7 +22,9 @@ Per block, with the full-precision weights frozen:
 Defaults follow the paper and its scripts: weight-only OPT uses LWC + LET (scale only),
 the LLaMA family LWC only (Table A3); weight-activation uses LWC + LET everywhere, with
 the shift only where the norms have a bias (OPT), i.e. exactly where the reference
-enables it; epochs 20, 40 at 2 bits; LET init strength α 0.75 at W4A4, 0.5 otherwise.
+enables it; no LET on post-LayerNorm OPT (OPT-350M: q/k/v and fc1 read the residual stream,
+no norm feeds them, so ``let=true`` is refused there and ``auto`` is LWC only); epochs 20,
+40 at 2 bits; LET init strength α 0.75 at W4A4, 0.5 otherwise.
 ``aug_loss`` (off by default) is what the scripts add for LLaMA W2 and LLaMA-1 W4A4; the
 LLaMA-2 W4A4 script also lowers the LET lr to 1e-3 (not the default here).
 
@@ -69,6 +71,7 @@ from aespa.core.transforms import (
     query_key_channels,
     query_key_scale,
     reduce_kv,
+    refuse_residual_fed,
     smoothing_scale,
     transformed_parameters,
 )
@@ -127,7 +130,8 @@ class OmniQuant(Method):
     class Options:
         lwc: bool = option(True, "learnable weight clipping: two logits per row (or group), init 4.0")
         let: bool | str = option("auto", "learnable equivalent transformation; auto = the paper's choice: "
-                                         "weight-activation on; weight-only on for OPT, off for the LLaMA family",
+                                         "weight-activation on; weight-only on for OPT, off for the LLaMA family; "
+                                         "off on post-LayerNorm OPT (OPT-350M), which has no norm to fold it into",
                                  choices=("auto", True, False))
         shift: bool | str = option("auto", "LET channel shift; auto = on for weight-activation runs on families "
                                            "whose norms have a bias (OPT), off otherwise (the reference's rule)",
@@ -157,6 +161,8 @@ class OmniQuant(Method):
     def uses_let(self, block) -> bool:
         if self.let != "auto":
             return self.let
+        if not all(block.family.foldable(g.feeder) for g in block.groups):
+            return False  # post-LayerNorm OPT: no norm before q/k/v and fc1 to fold LET into
         return not self.spec.weight_only or LET_WEIGHT_ONLY.get(block.family.name, True)
 
     def uses_shift(self, block) -> bool:
@@ -173,6 +179,8 @@ class OmniQuant(Method):
         super().check(model)
         block = model.block(0)
         use_let = self.uses_let(block)
+        if use_let:
+            refuse_residual_fed(block, "omniquant's LET (method.let=true)", "use method.let=false or auto (LWC only)")
         self.uses_shift(block)
         if not (self.lwc or use_let) and self.epochs > 0:
             raise UserError("omniquant with lwc=false and no LET has nothing to train; enable lwc or let, "

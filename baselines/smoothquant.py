@@ -31,7 +31,13 @@ from aespa.core.grid import minmax_grid
 from aespa.core.method import Method, register
 from aespa.core.options import option
 from aespa.core.pipeline import BlockContext
-from aespa.core.transforms import ChannelStatistics, norm_fed_groups, scale_norm_inputs, smoothing_scale
+from aespa.core.transforms import (
+    ChannelStatistics,
+    norm_fed_groups,
+    refuse_residual_fed,
+    scale_norm_inputs,
+    smoothing_scale,
+)
 
 
 @register("smoothquant")
@@ -43,6 +49,12 @@ class SmoothQuant(Method):
     class Options:
         alpha: float = option(0.5, "migration strength (reference default; its README uses 0.85 for LLaMA-2)",
                               low=0, high=1)
+
+    def check(self, model) -> None:
+        """The smoothing scales fold into the norms before q/k/v and fc1: a family without them is refused."""
+        super().check(model)
+        refuse_residual_fed(model.block(0), "smoothquant", "for weight-activation runs there use rtn or "
+                                                           "omniquant with method.let=false")
 
     def quantize_block(self, ctx: BlockContext) -> None:
         block = ctx.block

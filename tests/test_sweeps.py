@@ -79,7 +79,7 @@ PROTOCOLS = {  # table -> (calibration set, seed, test sets); nsamples 128 of th
     "weight_activation": ("wikitext2", 2, ["wikitext2", "c4"]),
     "tiny": ("wikivital", 0, ["wikivital"]),
 }
-NO_MODEL_CONFIG = {"gptq_opt": {"opt-175b", "opt-350m"}}  # table columns without conf/model/<name>.yaml (OPT-350M: post-LayerNorm)
+NO_MODEL_CONFIG = {"gptq_opt": {"opt-175b"}}  # table columns without conf/model/<name>.yaml
 
 
 @pytest.mark.parametrize("name", sorted(PROTOCOLS))

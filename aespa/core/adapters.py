@@ -4,7 +4,16 @@ A family says where the decoder blocks are, the role of every linear inside a bl
 (q, k, v, o, gate, up, down — OPT's fc1/fc2 are ``up``/``down``), which op feeds each
 group of linears (the norm before q/k/v, v before o, ...), the attention geometry
 (heads, kv-heads, head_dim, rotary embedding) and the modules outside the blocks.
-The family is picked from ``config.model_type``, never from a path.
+The family is picked from ``config.model_type`` (and, for OPT, from ``do_layer_norm_before``),
+never from a path.
+
+Post-LayerNorm OPT (OPT-350M, ``do_layer_norm_before=False``) is its own family, ``opt-postln``:
+its norms come *after* each residual add, so q/k/v read the block's input and fc1 reads the
+attention norm's output, both of which are also the residual stream. Their feeder is
+:data:`RESIDUAL`, not a norm: nothing can be folded into it (SmoothQuant, OmniQuant's LET and
+QLLM's reassembly refuse the family; Z-Fold's ζ is kept to o and fc2, whose feeders are
+linears). It has no final norm; ``project_in``/``project_out`` map its 512-wide word
+embeddings to the 1024-wide blocks and back.
 
 Attention internals (post-RoPE queries/keys, values, attention probabilities) are
 reached through a registered transformers attention function (``aespa.core.attention``),
@@ -31,7 +40,10 @@ class LinearGroup:
     """Linears that read the same input, and the op that produces that input."""
 
     roles: tuple[str, ...]
-    feeder: str  # a norm role ("attn_norm", "mlp_norm") or a linear role ("v", "up")
+    feeder: str  # a norm role ("attn_norm", "mlp_norm"), a linear role ("v", "up") or RESIDUAL
+
+
+RESIDUAL = "residual"  # the feeder of linears that read the residual stream itself (post-LayerNorm)
 
 
 @dataclass(frozen=True)
@@ -43,13 +55,18 @@ class Family:
     norms: dict[str, str]  # "attn_norm" / "mlp_norm" -> path inside a block
     groups: tuple[LinearGroup, ...]  # in true-sequential order
     attention: str  # path of the attention module inside a block
-    final_norm: str
+    final_norm: str | None  # None: no norm after the last block (post-LayerNorm OPT)
     head: str
     outside: tuple[str, ...]  # every module outside the blocks the forward pass uses
     after_norm: tuple[str, ...] = ()  # modules between the final norm and the head (OPT project_out)
     rotary: bool = False
     query_prescaled: bool = False  # the query reaches the attention function already multiplied by 1/sqrt(d)
     mlp: str = "relu"  # "relu" (fc1 -> act -> fc2) or "swiglu" (act(gate) * up -> down)
+    when: tuple[str, object] | None = None  # (config attribute, value) that also selects the family
+
+    def foldable(self, feeder: str) -> bool:
+        """A transform of the feeder's output channels can be folded into it (a norm or a linear)."""
+        return feeder in self.norms or feeder in self.linears
 
 
 OPT = Family(
@@ -71,6 +88,25 @@ OPT = Family(
     mlp="relu",
 )
 
+OPT_POSTLN = Family(
+    name="opt-postln",
+    model_types=("opt",),
+    blocks="model.decoder.layers",
+    linears=OPT.linears,
+    norms=OPT.norms,
+    groups=(LinearGroup(("q", "k", "v"), RESIDUAL), LinearGroup(("o",), "v"),
+            LinearGroup(("up",), RESIDUAL), LinearGroup(("down",), "up")),
+    attention="self_attn",
+    final_norm=None,
+    head="lm_head",
+    outside=("model.decoder.embed_tokens", "model.decoder.embed_positions", "model.decoder.project_in",
+             "model.decoder.project_out", "lm_head"),
+    after_norm=("model.decoder.project_out",),
+    query_prescaled=True,
+    mlp="relu",
+    when=("do_layer_norm_before", False),
+)
+
 LLAMA = Family(
     name="llama",
     model_types=("llama", "mistral", "qwen2"),
@@ -88,15 +124,15 @@ LLAMA = Family(
     mlp="swiglu",
 )
 
-FAMILIES = (OPT, LLAMA)
+FAMILIES = (OPT_POSTLN, OPT, LLAMA)  # the first that matches: a family with a ``when`` before its plain one
 
 
 def family_of(config) -> Family:
     model_type = getattr(config, "model_type", None)
     for fam in FAMILIES:
-        if model_type in fam.model_types:
+        if model_type in fam.model_types and (fam.when is None or getattr(config, fam.when[0], None) == fam.when[1]):
             return fam
-    known = sorted(t for f in FAMILIES for t in f.model_types)
+    known = sorted({t for f in FAMILIES for t in f.model_types})
     raise UserError(f"unsupported model_type {model_type!r}; supported: {', '.join(known)}")
 
 
@@ -178,8 +214,6 @@ class ModelAdapter:
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
         self.geometry = Geometry(c.hidden_size, heads, getattr(c, "num_key_value_heads", None) or heads,
                                  head_dim, self.family.rotary)
-        if self.family.name == "opt" and not getattr(c, "do_layer_norm_before", True):
-            raise UserError("OPT models with post-LayerNorm (OPT-350M) are not supported")
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -193,7 +227,8 @@ class ModelAdapter:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm (+ projection) + LM head applied to the last block's output."""
-        h = get_path(self.model, self.family.final_norm)(hidden)
+        norm = get_path(self.model, self.family.final_norm) if self.family.final_norm else None
+        h = norm(hidden) if norm is not None else hidden
         for p in self.family.after_norm:
             m = get_path(self.model, p)
             if m is not None:

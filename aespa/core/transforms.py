@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from aespa.core.adapters import BlockAdapter, Geometry, LinearGroup, get_path
+from aespa.core.errors import UserError
 
 
 @dataclass
@@ -68,6 +69,16 @@ class BlockTransform:
 def norm_fed_groups(block: BlockAdapter) -> list[LinearGroup]:
     """The groups of linears that read a norm's output (the norm → linears pairs)."""
     return [g for g in block.groups if g.feeder in block.family.norms]
+
+
+def refuse_residual_fed(block: BlockAdapter, method: str, allowed: str) -> None:
+    """One line when linears of the block read the residual stream itself (post-LayerNorm OPT,
+    OPT-350M): ``method`` folds a transform into the norm before q/k/v and fc1, and there is none."""
+    residual_fed = [r for g in block.groups if not block.family.foldable(g.feeder) for r in g.roles]
+    if residual_fed:
+        raise UserError(f"{method} folds a transform into the norms that feed q/k/v and fc1; the "
+                        f"{block.family.name} family (post-LayerNorm OPT, e.g. OPT-350M) has no such norm: "
+                        f"{', '.join(residual_fed)} read the residual stream; {allowed}")
 
 
 def expand_kv(channels: torch.Tensor, geometry: Geometry) -> torch.Tensor:

@@ -82,7 +82,13 @@ from aespa.core.method import Method, register
 from aespa.core.observe import block_output, observe_block
 from aespa.core.options import option
 from aespa.core.pipeline import BlockContext
-from aespa.core.transforms import ChannelStatistics, ChannelTransform, scale_norm, scale_output_rows
+from aespa.core.transforms import (
+    ChannelStatistics,
+    ChannelTransform,
+    refuse_residual_fed,
+    scale_norm,
+    scale_output_rows,
+)
 from baselines.qllm.reassembly import DISTANCES, ChannelReassembly, ReassembledLinear, pair_distance, search_threshold
 
 REASSEMBLY_FEEDERS = ("attn_norm", "mlp_norm", "up")  # inputs of q/k/v, of gate/up (fc1), of down (fc2); not o
@@ -157,6 +163,13 @@ class QLLM(Method):
                             "use group_size=-1 or assembly=true")
         self.act_bits = None if spec.weight_only else spec.act_bits
         self.history: list[dict] = []  # per chunk: blocks, first/last epoch loss
+
+    def check(self, model) -> None:
+        """Channel reassembly folds into the norms before q/k/v and fc1: a family without them is refused."""
+        super().check(model)
+        if self.reassembly:
+            refuse_residual_fed(model.block(0), "qllm's channel reassembly", "use method.reassembly=false "
+                                "(error correction only)")
 
     # ------------------------------------------------------------------ the pipeline's view
 
