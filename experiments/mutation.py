@@ -1,0 +1,114 @@
+"""Mutation testing of the core with mutmut 3 (configured in ``pyproject.toml``, ``[tool.mutmut]``).
+
+    python -m experiments.mutation                      # every mutant not yet checked (resumes where it stopped)
+    python -m experiments.mutation --module grid qparams   # only these modules (a substring of the module name)
+    python -m experiments.mutation --survivors          # re-run the survivors only (after adding tests)
+    python -m experiments.mutation --report             # the per-module table, no run
+
+mutmut copies ``source_paths`` into ``mutants/`` (git-ignored), writes every mutant of the files in
+``only_mutate`` into the copy, records once which of the selected fast tests reach which function
+(``mutants/mutmut-stats.json``) and then runs, per mutant, only the tests that reach the mutated
+function, in a forked child (one at a time here: ``--max-children 1``, one thread). Its state is
+kept in ``mutants/*.meta`` after every mutant, so a killed job resumes with the mutants not yet
+checked; ``rm -rf mutants`` starts over (needed after a change of the tests selected in
+``pyproject.toml``, or stats go stale).
+
+The score counts killed (and timed-out) mutants over all mutants that a test reaches; a survivor
+is either killed by a test or listed, with its reason, in ``tests/mutation/equivalent.md``
+(``--report`` subtracts the listed ones). Not part of CI.
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MUTANTS = ROOT / "mutants"
+EQUIVALENT = ROOT / "tests" / "mutation" / "equivalent.md"
+# the mutants a run covers: every function of the core files, and of experiments/data.py and
+# experiments/records.py only the cache and run keys (the rest of those files reads datasets and files)
+SCOPE = ("aespa.core.grid.*", "aespa.core.hessian.*", "aespa.core.checkpoint.*", "aespa.qparams.*", "aespa.method.*",
+         "baselines.gptq.*", "experiments.records.x_run_id_*", "experiments.records.x_is_quantized_*",
+         "experiments.data.xǁDataCacheǁkey_*", "experiments.data.x_calibration_windows_*",
+         "experiments.data.x_evaluation_windows_*", "experiments.data.x__origin_*",
+         "experiments.data.x_files_fingerprint_*", "experiments.data.x_tokenizer_fingerprint_*")
+STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",
+          -24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout", -11: "segfault", -9: "segfault",
+          None: "not checked"}
+
+
+def results() -> dict[str, tuple[str, str]]:
+    """mutant name -> (module file, status) from mutmut's state files."""
+    out = {}
+    for meta in sorted(MUTANTS.rglob("*.py.meta")):
+        source = str(meta.relative_to(MUTANTS))[: -len(".meta")]
+        for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
+            if any(fnmatch.fnmatchcase(name, p) for p in SCOPE):
+                out[name] = (source, STATUS.get(code, "suspicious"))
+    return out
+
+
+def equivalent() -> set[str]:
+    """Mutant names listed in the reviewed list (first column of its table rows)."""
+    if not EQUIVALENT.exists():
+        return set()
+    return set(re.findall(r"^\|\s*`([^`]+__mutmut_\d+)`", EQUIVALENT.read_text(), flags=re.M))
+
+
+def report() -> None:
+    rows, listed = Counter(), equivalent()
+    for name, (source, status) in results().items():
+        rows[source, status] += 1
+        if status == "survived" and name in listed:
+            rows[source, "equivalent"] += 1
+    sources = sorted({s for s, _ in rows})
+    print(f"{'module':<28} {'mutants':>7} {'no test':>7} {'killed':>7} {'timeout':>7} {'survived':>8} "
+          f"{'equiv.':>6} {'unchecked':>9} {'score':>6}")
+    total = Counter()
+    for s in sources + ["all"]:
+        c = total if s == "all" else Counter({k: v for (src, k), v in rows.items() if src == s})
+        if s != "all":
+            total.update(c)
+        n = sum(v for k, v in c.items() if k != "equivalent")
+        reached = n - c["no tests"] - c["not checked"]
+        dead = c["killed"] + c["timeout"] + c["segfault"]
+        score = f"{100 * dead / (reached - c['equivalent']):.1f}" if reached > c["equivalent"] else "-"
+        print(f"{s:<28} {n:>7} {c['no tests']:>7} {c['killed']:>7} {c['timeout']:>7} {c['survived']:>8} "
+              f"{c['equivalent']:>6} {c['not checked']:>9} {score:>6}")
+    print("score: (killed + timeout) / (mutants a test reaches - listed equivalent ones)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--module", nargs="*", default=[], help="only mutants of modules containing these strings")
+    parser.add_argument("--survivors", action="store_true", help="re-run the mutants that survived")
+    parser.add_argument("--report", action="store_true", help="print the table of the last run and exit")
+    args = parser.parse_args(argv)
+    if args.report:
+        report()
+        return 0
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    if not (MUTANTS / "mutmut-stats.json").exists():  # first run: mutmut generates the mutants, then runs SCOPE
+        names = [p for p in SCOPE if not args.module or any(m in p for m in args.module)]
+    else:  # resume: the mutants not checked yet (or the survivors), by name
+        want = {"survived", "timeout", "suspicious"} if args.survivors else {"not checked"}
+        names = sorted(n for n, (s, status) in results().items()
+                       if status in want and (not args.module or any(m in n for m in args.module)))
+        if not names:
+            print("nothing to run")
+            report()
+            return 0
+    rc = subprocess.call(["mutmut", "run", "--max-children", "1", *names], cwd=ROOT, env=env)
+    report()
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""Invariants stated as properties (hypothesis, small budgets): the grid (codes in range,
+quantize∘dequantize idempotent, the range and zero point), the Hessian statistics, the bit
+packing of the export, equivalent transforms that fold without changing a block's output, and
+the keys of every cache (the tokenized-data cache, the run id), which must change with every
+input that defines the cached value."""
+import copy
+import hashlib
+import json
+
+import pytest
+import torch
+from conftest import random_model
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from aespa.core.adapters import ModelAdapter
+from aespa.core.grid import Grid, grid_from_range, minmax_grid, minmax_range, round_to_nearest
+from aespa.core.hessian import HessianAccumulator, RunningSecondMoment, add_damping, prepare_hessian
+from aespa.core.pipeline import BlockContext, capture_inputs
+from aespa.core.transforms import BlockTransform, ChannelTransform, fold, query_key_channels, query_key_scale
+from experiments import data, records
+from experiments.export import pack_rows, unpack_rows
+
+FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+bits = st.integers(2, 8)
+
+
+@st.composite
+def weights(draw, max_rows=6, max_cols=16):
+    rows = draw(st.integers(1, max_rows))
+    group = draw(st.sampled_from([-1, 2, 4]))
+    cols = draw(st.integers(1, max_cols // 4)) * 4
+    seed = draw(st.integers(0, 2**16))
+    scale = draw(st.sampled_from([1e-3, 1.0, 50.0]))
+    w = scale * torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+    if draw(st.booleans()):
+        w[0] = 0.0  # a dead row
+    if draw(st.booleans()):
+        w = w.abs()  # all positive: the range is clamped at 0
+    return w, group
+
+
+# --------------------------------------------------------------------------- the grid
+
+
+@FAST
+@given(weights(), bits, st.booleans())
+def test_codes_are_integers_in_range_and_dequantize_is_idempotent(wg, b, sym):
+    w, group = wg
+    grid = minmax_grid(w, b, sym, group)
+    codes = grid.quantize(w)
+    assert torch.equal(codes, codes.round()) and codes.min() >= 0 and codes.max() <= 2**b - 1
+    once = grid.fake_quantize(w)
+    assert torch.equal(grid.quantize(once), codes)  # values on the grid keep their codes
+    assert torch.allclose(grid.fake_quantize(once), once, rtol=0, atol=1e-6 * max(1.0, w.abs().max().item()))
+    assert torch.equal(round_to_nearest(w, b, sym, group), once)
+    # the min-max grid covers the whole row: the error is at most half a step
+    scale, _ = grid.expanded(w.shape[1])
+    if not sym:  # (a symmetric grid of a row without negatives uses only its upper half, as the reference)
+        assert ((once - w).abs() <= scale / 2 * (1 + 1e-5)).all()
+
+
+@FAST
+@given(weights(), bits, st.booleans())
+def test_the_range_contains_zero_and_zero_is_exact(wg, b, sym):
+    w, group = wg
+    rows = w if group == -1 else w.reshape(-1, group)
+    lo, hi = minmax_range(rows, sym)
+    assert (lo <= 0).all() and (hi >= 0).all() and (hi > lo).all()
+    dead = (rows == 0).all(1)
+    low, high = rows.min(1).values.clamp(max=0), rows.max(1).values.clamp(min=0)
+    if sym:  # as the GPTQ reference: [-max|w|, max|w|], or [0, max w] for a row without negatives
+        high = torch.maximum(low.abs(), high)
+        low = torch.where(low < 0, -high, low)
+    assert torch.equal(lo, torch.where(dead, -1.0, low)) and torch.equal(hi, torch.where(dead, 1.0, high))
+    scale, zero = grid_from_range(lo, hi, b, sym)
+    assert torch.allclose(scale, (hi - lo) / (2**b - 1))
+    assert torch.equal(zero, torch.full_like(zero, 2 ** (b - 1)) if sym else torch.round(-lo / scale))
+    grid = minmax_grid(w, b, sym, group)
+    assert grid.scale.shape == grid.zero.shape == (w.shape[0], 1 if group == -1 else w.shape[1] // group)
+    zeros = torch.zeros_like(w)
+    assert torch.equal(grid.fake_quantize(zeros), zeros)  # 0 is on every grid
+
+
+@FAST
+@given(weights(), bits, st.integers(0, 2**16))
+def test_column_scale_divides_the_input_and_multiplies_the_step(wg, b, seed):
+    w, group = wg
+    zeta = 0.5 + torch.rand(w.shape[1], generator=torch.Generator().manual_seed(seed))
+    plain = minmax_grid(w / zeta, b, False, group)
+    folded = Grid(plain.scale, plain.zero, b, group, zeta)
+    assert torch.allclose(folded.fake_quantize(w), plain.fake_quantize(w / zeta) * zeta, rtol=1e-5, atol=1e-6)
+    back = Grid.from_dict(folded.to_dict())
+    assert torch.equal(back.scale, folded.scale) and torch.equal(back.zero, folded.zero)
+    assert torch.equal(back.col_scale, zeta) and (back.bits, back.group_size) == (b, group)
+    assert "col_scale" not in plain.to_dict() and Grid.from_dict(plain.to_dict()).col_scale is None
+
+
+# --------------------------------------------------------------------------- the Hessian
+
+
+@FAST
+@given(st.lists(st.integers(1, 3), min_size=1, max_size=4), st.integers(0, 2**16))
+def test_hessian_is_the_mean_over_sequences_whatever_the_batches(batches, seed):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(m, 5, 3, generator=g, dtype=torch.float64) for m in batches]
+    acc, moment = HessianAccumulator(), RunningSecondMoment()
+    for x in xs:
+        acc.add(x)
+        moment.add(x)
+    tokens = torch.cat(xs).reshape(-1, 3)
+    n = sum(batches)
+    assert acc.nsamples == n and moment.tokens == tokens.shape[0]
+    torch.testing.assert_close(acc.hessian, 2 / n * tokens.T @ tokens, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(moment.mean, tokens.T.float() @ tokens.float() / tokens.shape[0], rtol=1e-5,
+                               atol=1e-6)
+
+
+@FAST
+@given(st.integers(2, 6), st.floats(1e-3, 1.0), st.floats(1e-3, 10.0), st.integers(0, 2**16))
+def test_damping_and_dead_channels(n, percdamp, dead_value, seed):
+    x = torch.randn(n, 3 * n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    x[0] = 0.0  # input channel 0 never fires
+    h = x @ x.T
+    damped, dead = prepare_hessian(h, percdamp, dead_value)
+    assert dead.tolist() == [True] + [False] * (n - 1)
+    filled = h.clone()
+    filled[0, 0] = dead_value
+    mean = filled.diagonal().mean()
+    torch.testing.assert_close(damped, filled + percdamp * mean * torch.eye(n, dtype=h.dtype))
+    assert torch.equal(h[0, 0], torch.tensor(0.0, dtype=h.dtype))  # the input is not modified
+    batched = torch.stack([h, 2 * h])
+    torch.testing.assert_close(add_damping(batched.clone(), percdamp)[1], add_damping(2 * h.clone(), percdamp))
+
+
+# --------------------------------------------------------------------------- packing
+
+
+@FAST
+@given(st.integers(1, 8), st.integers(1, 5), st.integers(1, 70), st.integers(0, 2**16))
+def test_packing_round_trips(b, rows, cols, seed):
+    codes = torch.randint(0, 2**b, (rows, cols), generator=torch.Generator().manual_seed(seed))
+    codes[0, 0] = 2**b - 1  # the top code uses every bit
+    packed = pack_rows(codes, b, chunk_rows=2)
+    assert packed.dtype == torch.int32 and packed.shape == (rows, -(-cols * b // 32))
+    assert torch.equal(unpack_rows(packed, b, cols), codes)
+    # dense: the bitstream of a row is the codes' bits, least significant first
+    stream = sum(int(c) << (i * b) for i, c in enumerate(codes[0].tolist()))
+    words = [int(v) & 0xFFFFFFFF for v in packed[0].tolist()]
+    assert sum(wd << (32 * i) for i, wd in enumerate(words)) == stream
+
+
+# --------------------------------------------------------------------------- equivalent transforms
+
+
+def _block(arch):
+    model = random_model(arch, layers=1, seed=1)
+    adapter = ModelAdapter(model)
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(2))
+    inputs, kwargs = capture_inputs(adapter, ids, "cpu", batch_size=2)
+    return BlockContext([adapter.block(0)], inputs, kwargs, torch.device("cpu"), torch.float32, batch_size=2)
+
+
+BLOCKS = {}
+
+
+@pytest.mark.parametrize("arch", ["opt", "llama"])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**16), norms=st.booleans(), value=st.booleans(), query_key=st.booleans())
+def test_folded_transform_leaves_the_block_output_unchanged(arch, seed, norms, value, query_key):
+    if arch not in BLOCKS:
+        BLOCKS[arch] = _block(arch)
+    ctx = BLOCKS[arch]
+    before = ctx.run(ctx.inputs)
+    block, geometry = ctx.block, ctx.block.geometry
+    g = torch.Generator().manual_seed(seed)
+    positive = lambda n: 0.5 + torch.rand(n, generator=g)  # noqa: E731
+    hidden = block.linear("q").in_features
+    kv = geometry.num_kv_heads * geometry.head_dim
+    shift = arch == "opt"  # LayerNorm has a bias; RMSNorm cannot take a shift
+    transform = BlockTransform(
+        norms={feeder: ChannelTransform(positive(hidden), 0.1 * torch.randn(hidden, generator=g) if shift else None)
+               for feeder in ("attn_norm", "mlp_norm")} if norms else {},
+        value=ChannelTransform(positive(kv), 0.1 * torch.randn(kv, generator=g) if shift else None) if value else None,
+        query_key=query_key_scale(positive(query_key_channels(geometry)), geometry) if query_key else None)
+    saved = copy.deepcopy(block.module.state_dict())
+    try:
+        fold(block, transform)
+        changed = [k for k, v in block.module.state_dict().items() if k in saved and not torch.equal(v, saved[k])]
+        assert bool(changed) == (norms or value or query_key)
+        torch.testing.assert_close(ctx.run(ctx.inputs), before, rtol=1e-4, atol=1e-4)
+    finally:
+        extra = set(block.module.state_dict()) - set(saved)
+        for name in extra:  # biases a shift created on bias-free linears
+            module, _, attr = name.rpartition(".")
+            setattr(block.module.get_submodule(module), attr, None)
+        block.module.load_state_dict(saved)
+
+
+# --------------------------------------------------------------------------- cache keys
+
+
+class FakeTokenizer:
+    """Just what the cache key reads (no backend: the vocabulary is hashed)."""
+
+    backend_tokenizer = None
+
+    def __init__(self, vocab=None, bos="<s>", eos="</s>"):
+        self.vocab, self.bos_token, self.eos_token = vocab or {"a": 0, "b": 1}, bos, eos
+
+    def get_vocab(self):
+        return self.vocab
+
+
+class KeyRecorder(data.DataCache):
+    def __init__(self):
+        super().__init__(None)
+        self.keys = []
+
+    def get(self, key):
+        self.keys.append(key)
+        return torch.zeros(8192, dtype=torch.long)
+
+
+def calibration_key(monkeypatch, tmp_path, name, nsamples, seqlen, seed, content, tokenizer):
+    """The key calibration_windows reads the cache with (the set itself is never built)."""
+    local = tmp_path / "local.txt"
+    local.write_text(content)
+    cache = KeyRecorder()
+    monkeypatch.setattr(data, "_build_calibration", lambda *a: pytest.fail("the cache answered"))
+    data.calibration_windows(name, tokenizer, nsamples, seqlen, seed, cache,
+                             paths={"wikitext2": str(local)} if name == "wikitext2" else None)
+    return cache.keys[-1]
+
+
+FIELDS = {"name": st.sampled_from(["wikivital", "wikitext2"]), "nsamples": st.integers(1, 512),
+          "seqlen": st.integers(2, 4096), "seed": st.integers(0, 2**31), "content": st.sampled_from(["x y", "x z"]),
+          "tokenizer": st.sampled_from(["a", "b", "bos", "eos"])}
+TOKENIZERS = {"a": FakeTokenizer(), "b": FakeTokenizer({"a": 0, "c": 1}), "bos": FakeTokenizer(bos="<bos>"),
+              "eos": FakeTokenizer(eos="<eos>")}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.fixed_dictionaries(FIELDS), st.sampled_from(sorted(FIELDS)), st.data())
+def test_calibration_cache_key_changes_with_every_field(monkeypatch, tmp_path, base, field, draw):
+    other = dict(base, **{field: draw.draw(FIELDS[field].filter(lambda v: v != base[field]))})
+    if field == "content" and base["name"] != "wikitext2":
+        other["name"] = base["name"] = "wikitext2"  # the content of local files only defines a local set
+
+    def key(f):
+        return calibration_key(monkeypatch, tmp_path, f["name"], f["nsamples"], f["seqlen"], f["seed"], f["content"],
+                               TOKENIZERS[f["tokenizer"]])
+
+    assert key(base) != key(other)
+    assert key(base) == key(dict(base))  # and only with them
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(["wikivital", "wikitext2"]), st.integers(2, 4096), st.integers(2, 4096),
+       st.sampled_from(["a", "b", "bos"]), st.sampled_from(["a", "b", "bos"]))
+def test_test_set_cache_key_changes_with_every_field(monkeypatch, tmp_path, name, seqlen, seqlen2, tok, tok2):
+    local = tmp_path / "test.txt"
+    local.write_text("some text")
+    monkeypatch.setattr(data, "_build_test_ids", lambda *a: pytest.fail("the cache answered"))
+    paths = {"wikitext2": str(local)}
+
+    def key(dataset, n, t):
+        cache = KeyRecorder()
+        data.evaluation_windows(dataset, TOKENIZERS[t], n, cache, paths=paths)
+        return cache.keys[-1]
+
+    base = key(name, seqlen, tok)
+    assert base == key(name, seqlen, tok)
+    assert (base == key(name, seqlen2, tok)) == (seqlen == seqlen2)
+    assert (base == key(name, seqlen, tok2)) == (tok == tok2)
+    assert base != key("wikitext2" if name == "wikivital" else "wikivital", seqlen, tok)
+    local.write_text("other text")  # a local file edited in place
+    assert (key(name, seqlen, tok) == base) == (name == "wikivital")
+    # the split is part of the key: the calibration windows of the same set never share it
+    assert base not in {calibration_key(monkeypatch, tmp_path, name, 1, seqlen, 0, "some text", TOKENIZERS[tok])}
+
+
+def test_cache_key_is_the_hash_of_its_fields():
+    cache = data.DataCache(None)
+    tok = TOKENIZERS["a"]
+    fingerprint = data.tokenizer_fingerprint(tok)
+    payload = json.dumps({"tokenizer": fingerprint, "dataset": "d", "seed": 1}, sort_keys=True)
+    assert cache.key(tok, dataset="d", seed=1) == hashlib.sha256(payload.encode()).hexdigest()[:24]
+    assert len(fingerprint) == 16 and fingerprint == data.tokenizer_fingerprint(FakeTokenizer())
+
+
+# --------------------------------------------------------------------------- the run id
+
+QUANTIZED = {"model": {"name": "tiny-opt"}, "method": {"name": "gptq", "percdamp": 0.01}, "bits": 3,
+             "group_size": -1, "sym": False, "act_bits": 16, "nsamples": 128, "seed": 0, "calib": {"name": "wikivital"},
+             "seqlen": 512, "eval": {"datasets": ["wikivital"]}}
+SEMANTIC_VALUES = {"model": {"name": "tiny-llama"}, "method": {"name": "gptq", "percdamp": 0.02}, "bits": 2,
+                   "group_size": 32, "sym": True, "act_bits": 8, "nsamples": 64, "seed": 1,
+                   "calib": {"name": "c4"}, "seqlen": 256, "eval": {"datasets": ["c4"]}}
+
+
+@FAST
+@given(st.sampled_from(sorted(SEMANTIC_VALUES)), st.sampled_from(sorted(records.NON_SEMANTIC)))
+def test_run_id_changes_with_every_semantic_key_and_no_other(key, ignored):
+    rid = records.run_id(QUANTIZED)
+    assert len(rid) == 12 and rid == records.run_id(dict(QUANTIZED))
+    assert records.run_id(dict(QUANTIZED, **{key: SEMANTIC_VALUES[key]})) != rid
+    assert records.run_id(dict(QUANTIZED, **{ignored: "anything"})) == rid
+    full_precision = dict(QUANTIZED, bits=16, act_bits=16)
+    fp_id = records.run_id(full_precision)
+    changed = records.run_id(dict(full_precision, **{key: SEMANTIC_VALUES[key]}))
+    # a full-precision run is one run whatever its quantization keys (unless they make it quantized)
+    assert (changed == fp_id) == (key in records.QUANTIZATION_ONLY and key not in ("bits", "act_bits"))
+
+
+@pytest.mark.parametrize("config,quantized", [
+    ({"method": {"name": "rtn"}, "bits": 4, "act_bits": 16}, True),
+    ({"method": {"name": "rtn"}, "bits": 16, "act_bits": 8}, True),
+    ({"method": {"name": "rtn"}, "bits": 16, "act_bits": 16}, False),
+    ({"method": {"name": "none"}, "bits": 4, "act_bits": 16}, False),
+    ({"bits": 4}, False),
+    ({"method": {"name": "rtn"}}, False),
+    ({"method": {"name": "rtn"}, "bits": 15}, True),
+])
+def test_is_quantized(config, quantized):
+    assert records.is_quantized(config) == quantized

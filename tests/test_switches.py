@@ -1,0 +1,242 @@
+"""Each aespa switch changes exactly the quantity it names, read inside one block: the Hessian of
+each role's objective and of its OPTQ sweep, the grid (Z-Fold's ζ or not), the start point given to
+rounding learning, the rounding-loss weight per role (q/k/v vs the rest), the query/key
+covariances, and what is written when rounding is not learned. Rounding learning itself is
+replaced by a recorder (its math is tested in test_aespa.py and test_rounding_speed.py), so each
+run takes a fraction of a second. The block has a dead input channel (a zero gain in the
+attention norm), so the original and the dead-zeroed weights differ."""
+import pytest
+import torch
+from conftest import random_model
+
+import aespa.method as aespa_method
+from aespa.core.adapters import ModelAdapter
+from aespa.core.grid import Grid, minmax_grid
+from aespa.core.hessian import prepare_hessian, zero_dead_columns
+from aespa.core.method import QuantSpec, get_method
+from aespa.core.pipeline import BlockContext, capture_inputs
+from aespa.core.rounding import RoundingResult
+from aespa.core.sweep import gptq_sweep
+from aespa.qparams import hessian_weighted_grid, zfold
+from aespa.statistics import collect_block_statistics
+
+QKV = ("q", "k", "v")
+FAST = {"zfold_rounds": 2, "iters": 7}
+
+
+def run(arch: str, monkeypatch, bits: int = 2, group_size: int = -1, **options):
+    """Quantize block 0 of a small random model with aespa; returns what the block saw:
+    ``stats`` (the statistics), ``original`` weights, ``problems`` and ``rounding`` (the
+    arguments of learn_rounding), ``sweeps`` (role -> the sweep's Hessian and options),
+    ``zfold`` (the calls), ``grids`` and ``weights`` (what was written)."""
+    model = random_model(arch, layers=1, seed=0)
+    adapter = ModelAdapter(model)
+    block = adapter.block(0)
+    norm = block.module.self_attn_layer_norm if arch == "opt" else block.module.input_layernorm
+    norm.weight.data[5] = 0.0  # input channel 5 of q/k/v is dead
+    if getattr(norm, "bias", None) is not None:
+        norm.bias.data[5] = 0.0
+    for role in QKV:  # large weights on the dead channel: its column holds every row's extreme
+        block.linear(role).weight.data[:, 5] *= 10
+    ids = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(0))
+    inputs, kwargs = capture_inputs(adapter, ids, "cpu", batch_size=2)
+    ctx = BlockContext([block], inputs, kwargs, torch.device("cpu"), torch.float32, batch_size=2)
+    seen = {"original": {r: lin.weight.data.float().clone() for r, lin in block.linears().items()},
+            "sweeps": {}, "zfold": [], "grids": {}}
+    roles = list(block.linears())
+
+    def stats(ctx, **kw):
+        seen["stats"] = collect_block_statistics(ctx, **kw)
+        seen["stats_kwargs"] = kw
+        return seen["stats"]
+
+    def sweep(weight, hessian, grid, **kw):
+        seen["sweeps"][roles[len(seen["sweeps"])]] = {"weight": weight, "hessian": hessian, "grid": grid, **kw}
+        return gptq_sweep(weight, hessian, grid, **kw)
+
+    def fold(weights, hessians, *args, **kw):
+        seen["zfold"].append({"weights": weights, "hessians": hessians, "args": args, **kw})
+        return zfold(weights, hessians, *args, **kw)
+
+    def rounding(problems, **kw):
+        seen["problems"], seen["rounding"] = {p.name: p for p in problems}, kw
+        return [RoundingResult(p.grid.fake_quantize(p.start), torch.zeros_like(p.weight), 0.0, 0.0) for p in problems]
+
+    monkeypatch.setattr(aespa_method, "collect_block_statistics", stats)
+    monkeypatch.setattr(aespa_method, "gptq_sweep", sweep)
+    monkeypatch.setattr(aespa_method, "zfold", fold)
+    monkeypatch.setattr(aespa_method, "learn_rounding", rounding)
+    real_set = ctx.set_weight
+    monkeypatch.setattr(ctx, "set_weight", lambda role, w, grid: (seen["grids"].__setitem__(role, grid),
+                                                                   real_set(role, w, grid)))
+    method = get_method("aespa")(QuantSpec(bits=bits, group_size=group_size), {**FAST, **options})
+    method.quantize_block(ctx)
+    seen["weights"] = {r: lin.weight.data.clone() for r, lin in block.linears().items()}
+    seen["method"] = method
+    return seen
+
+
+def expected_objective(seen, role, percdamp=0.01, dead_value=1 / 2048, block_v=True):
+    raw = seen["stats"].value_hessian if role == "v" and block_v else seen["stats"].hessians[role]
+    return prepare_hessian(raw, percdamp, dead_value)
+
+
+def same_grid(a: Grid, b: Grid) -> bool:
+    da, db = a.to_dict(), b.to_dict()
+    return da.keys() == db.keys() and all(not torch.is_tensor(v) or torch.equal(v, db[k]) for k, v in da.items())
+
+
+# --------------------------------------------------------------------------- block_v
+
+
+def test_block_v_changes_the_value_hessian_and_nothing_else(monkeypatch):
+    on = run("llama", monkeypatch, use_zfold=False)
+    off = run("llama", monkeypatch, use_zfold=False, block_v=False)
+    assert on["stats_kwargs"]["value"] and not off["stats_kwargs"]["value"]
+    assert off["stats"].value_hessian is None and on["stats"].value_hessian.dim() == 3
+    # the objective of v and its OPTQ sweep read the attention-weighted Hessian, per head
+    assert torch.equal(on["problems"]["v"].hessian, expected_objective(on, "v")[0])
+    assert torch.equal(on["sweeps"]["v"]["hessian"], on["stats"].value_hessian)
+    assert torch.equal(off["problems"]["v"].hessian, expected_objective(off, "v", block_v=False)[0])
+    assert torch.equal(off["sweeps"]["v"]["hessian"], off["stats"].hessians["v"])
+    assert on["method"].optq_hessian("v", on["stats"]) is on["stats"].value_hessian
+    assert off["method"].optq_hessian("v", off["stats"]) is off["stats"].hessians["v"]
+    for role in on["problems"]:
+        if role != "v":  # every other role: the same objective, grid, start and weight
+            a, b = on["problems"][role], off["problems"][role]
+            assert torch.equal(a.hessian, b.hessian) and torch.equal(a.start, b.start), role
+            assert same_grid(a.grid, b.grid) and torch.equal(on["weights"][role], off["weights"][role]), role
+            assert torch.equal(on["sweeps"][role]["hessian"], on["stats"].hessians[role]), role
+    assert not torch.equal(on["weights"]["v"], off["weights"]["v"])
+
+
+# --------------------------------------------------------------------------- use_zfold
+
+
+@pytest.mark.parametrize("arch", ["opt", "llama"])
+def test_use_zfold_changes_only_the_fold_groups_grids(arch, monkeypatch):
+    on = run(arch, monkeypatch)
+    off = run(arch, monkeypatch, use_zfold=False)
+    groups = aespa_method.zfold_groups(ModelAdapter(random_model(arch, layers=1)).block(0))
+    folded = {r for g in groups for r in g}
+    assert folded >= set(QKV) and (arch == "opt") == ("o" in folded)
+    assert len(on["zfold"]) == len(groups)
+    assert off["zfold"] == []
+    for role, problem in off["problems"].items():
+        # off: every grid is the Hessian-weighted clipping search on the dead-zeroed weight
+        hessian, dead = expected_objective(off, role)
+        weight = zero_dead_columns(off["original"][role], dead)
+        assert torch.equal(problem.weight, weight), role
+        assert same_grid(problem.grid, hessian_weighted_grid(weight, hessian, 2)), role
+        assert problem.grid.col_scale is None and off["grids"][role] is problem.grid
+    for role, problem in on["problems"].items():
+        assert (problem.grid.col_scale is not None) == (role in folded), role
+        if role not in folded:
+            assert same_grid(problem.grid, off["problems"][role].grid), role
+    for group, call in zip(groups, on["zfold"]):
+        # Z-Fold of a group: its weights and objectives, the run's bits, its rounds, started at the
+        # min-max grids of the original (not dead-zeroed) weights; one ζ for the whole group
+        assert call["args"][:4] == (2, False, -1, FAST["zfold_rounds"])
+        assert all(torch.equal(w, on["problems"][r].weight) for w, r in zip(call["weights"], group))
+        assert all(torch.equal(h, on["problems"][r].hessian) for h, r in zip(call["hessians"], group))
+        assert all(same_grid(g, minmax_grid(on["original"][r], 2)) for g, r in zip(call["initial_grids"], group))
+        assert all(torch.equal(on["grids"][r].col_scale, on["grids"][group[0]].col_scale) for r in group)
+        fresh = zfold(call["weights"], call["hessians"], 2, False, -1, FAST["zfold_rounds"],
+                      initial_grids=call["initial_grids"])
+        assert all(same_grid(g, on["grids"][r]) for g, r in zip(fresh.grids, group))
+    assert not torch.equal(minmax_grid(on["original"]["q"], 2).scale,
+                           minmax_grid(on["problems"]["q"].weight, 2).scale), "the dead column must matter"
+
+
+def test_zero_zfold_rounds_is_no_zfold(monkeypatch):
+    zero = run("opt", monkeypatch, zfold_rounds=0)
+    assert zero["zfold"] == [] and all(p.grid.col_scale is None for p in zero["problems"].values())
+
+
+# --------------------------------------------------------------------------- optq_init, act_order
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_optq_init_gives_rounding_the_sweeps_updated_weights(act_order, monkeypatch):
+    seen = run("opt", monkeypatch, act_order=act_order, percdamp=0.03, dead_value=0.25, blocksize=8)
+    for role, problem in seen["problems"].items():
+        hessian = seen["stats"].value_hessian if role == "v" else seen["stats"].hessians[role]
+        sweep = seen["sweeps"][role]
+        assert torch.equal(sweep["hessian"], hessian) and sweep["grid"] is problem.grid, role
+        assert (sweep["act_order"], sweep["percdamp"], sweep["dead_value"], sweep["blocksize"]) == \
+            (act_order, 0.03, 0.25, 8), role
+        expected = gptq_sweep(problem.weight, hessian, problem.grid, blocksize=8, percdamp=0.03,
+                              act_order=act_order, dead_value=0.25)
+        assert torch.equal(problem.start, expected.weight_updated), role
+        assert not torch.equal(problem.start, problem.weight), role
+
+
+def test_act_order_changes_the_start_point(monkeypatch):
+    on = run("opt", monkeypatch, use_zfold=False)
+    off = run("opt", monkeypatch, use_zfold=False, act_order=False)
+    assert all(same_grid(on["problems"][r].grid, off["problems"][r].grid) for r in on["problems"])
+    assert any(not torch.equal(on["problems"][r].start, off["problems"][r].start) for r in on["problems"])
+
+
+def test_without_optq_init_rounding_starts_at_the_weights(monkeypatch):
+    seen = run("opt", monkeypatch, optq_init=False)
+    assert seen["sweeps"] == {}
+    for role, problem in seen["problems"].items():
+        assert problem.start is problem.weight or torch.equal(problem.start, problem.weight), role
+
+
+# --------------------------------------------------------------------------- learn_rounding
+
+
+def test_without_learned_rounding_the_sweeps_integers_are_written(monkeypatch):
+    seen = run("opt", monkeypatch, learn_rounding=False)
+    assert "problems" not in seen and seen["stats_kwargs"] == {"value": True, "query_key": False}
+    for role, weight in seen["weights"].items():
+        sweep = seen["sweeps"][role]
+        expected = gptq_sweep(sweep["weight"], sweep["hessian"], sweep["grid"],
+                              **{k: sweep[k] for k in ("blocksize", "percdamp", "act_order", "dead_value")})
+        assert torch.equal(weight, expected.weight_q), role
+        assert seen["grids"][role] is sweep["grid"], role
+
+
+def test_without_learned_rounding_nor_optq_the_weights_are_rounded_to_nearest(monkeypatch):
+    seen = run("opt", monkeypatch, learn_rounding=False, optq_init=False)
+    assert "problems" not in seen and seen["sweeps"] == {}
+    for role, weight in seen["weights"].items():
+        _, dead = expected_objective(seen, role)
+        expected = seen["grids"][role].fake_quantize(zero_dead_columns(seen["original"][role], dead))
+        assert torch.equal(weight, expected), role
+
+
+# --------------------------------------------------------------------------- per role: loss weight, covariances
+
+
+@pytest.mark.parametrize("arch", ["opt", "llama"])
+def test_rounding_problems_per_role(arch, monkeypatch):
+    options = dict(round_weight=0.7, round_weight_qkv=1.9, iters=11, lr=0.02, warmup=0.3, beta_start=15.0,
+                   beta_end=3.0, percdamp=0.02, dead_value=0.125)
+    seen = run(arch, monkeypatch, **options)
+    stats = seen["stats"]
+    assert seen["rounding"]["iterations"] == 11 and seen["rounding"]["lr"] == 0.02
+    assert seen["rounding"]["warmup"] == 0.3 and tuple(seen["rounding"]["beta"]) == (15.0, 3.0)
+    assert set(seen["problems"]) == set(seen["original"])
+    for role, problem in seen["problems"].items():
+        assert problem.round_weight == (1.9 if role in QKV else 0.7), role
+        covariance = {"q": stats.key_covariance, "k": stats.query_covariance}.get(role)
+        assert (problem.head_covariance is None) == (covariance is None), role
+        if covariance is not None:
+            assert torch.equal(problem.head_covariance, covariance), role
+        hessian, dead = expected_objective(seen, role, percdamp=0.02, dead_value=0.125)
+        assert torch.equal(problem.hessian, hessian), role
+        assert torch.equal(problem.weight, zero_dead_columns(seen["original"][role], dead)), role
+        assert torch.equal(seen["weights"][role], problem.grid.fake_quantize(problem.start)), role
+        assert seen["grids"][role] is problem.grid, role
+    dead = expected_objective(seen, "q")[1]
+    assert dead.sum() == 1 and dead[5] and seen["problems"]["q"].hessian[5, 5] > 0.125  # dead_value, then damping
+    assert torch.equal(seen["weights"]["q"][:, 5], torch.zeros(seen["weights"]["q"].shape[0]))
+
+
+def test_group_grids_reach_every_role(monkeypatch):
+    seen = run("llama", monkeypatch, group_size=16, bits=3)
+    for role, grid in seen["grids"].items():
+        assert grid.group_size == 16 and grid.bits == 3 and grid.scale.shape[1] == seen["original"][role].shape[1] // 16
