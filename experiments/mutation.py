@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (MUTANTS / "mutmut-stats.json").exists():  # first run: mutmut generates the mutants, then runs SCOPE
         names = [p for p in SCOPE if not args.module or any(m in p for m in args.module)]
     else:  # resume: the mutants not checked yet (or the survivors), by name
-        want = {"survived", "timeout", "suspicious"} if args.survivors else {"not checked"}
+        want = {"survived", "timeout", "suspicious", "no tests"} if args.survivors else {"not checked"}
         names = sorted(n for n, (s, status) in results().items()
                        if status in want and (not args.module or any(m in n for m in args.module)))
         if not names:

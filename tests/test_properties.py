@@ -325,3 +325,39 @@ def test_run_id_changes_with_every_semantic_key_and_no_other(key, ignored):
 ])
 def test_is_quantized(config, quantized):
     assert records.is_quantized(config) == quantized
+
+
+# --------------------------------------------------------------------------- activations
+
+
+@FAST
+@given(st.integers(2, 8), st.integers(0, 2**16))
+def test_activation_quantizer_is_per_token_over_the_last_dimension(b, seed):
+    from aespa.core.grid import quantize_activation
+
+    x = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(seed)) * torch.tensor([1.0, 10.0, 100.0])[:, None]
+    y = quantize_activation(x, b)
+    for i in range(2):
+        for t in range(3):
+            row = x[i, t]
+            scale = ((row.max() - row.min()) / (2**b - 1)).clamp(1e-5, 1e4)
+            zero = torch.round(-row.min() / scale)
+            expected = (torch.clamp(torch.round(row / scale) + zero, 0, 2**b - 1) - zero) * scale
+            assert torch.equal(y[i, t], expected)
+    assert torch.equal(quantize_activation(y, b), y) or torch.allclose(quantize_activation(y, b), y, atol=1e-5)
+
+
+def test_activation_quantizer_clamps_scale_and_zero_as_the_references():
+    from aespa.core.grid import quantize_activation
+
+    # constant tokens: the step is clamped to 1e-5 and the zero point to ±1e4
+    assert torch.equal(quantize_activation(torch.full((1, 4), -1.0), 4), (torch.zeros(1, 4) - 1e4) * 1e-5)
+    assert torch.equal(quantize_activation(torch.full((1, 4), 1.0), 4), (torch.full((1, 4), 15.0) + 1e4) * 1e-5)
+    # a range beyond 1e4 steps: the step is clamped to 1e4
+    assert torch.equal(quantize_activation(torch.tensor([[0.0, 2e5]]), 4), torch.tensor([[0.0, 1.5e5]]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_round_to_nearest_keeps_the_dtype(dtype):
+    w = torch.randn(4, 8).to(dtype)
+    assert round_to_nearest(w, 3).dtype == dtype

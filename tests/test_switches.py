@@ -240,3 +240,133 @@ def test_group_grids_reach_every_role(monkeypatch):
     seen = run("llama", monkeypatch, group_size=16, bits=3)
     for role, grid in seen["grids"].items():
         assert grid.group_size == 16 and grid.bits == 3 and grid.scale.shape[1] == seen["original"][role].shape[1] // 16
+
+
+# --------------------------------------------------------------------------- OmniQuant
+
+
+def test_learned_clipping_bounds_act_on_their_own_side():
+    """LWC: the upper logit scales the row maximum, the lower one the row minimum (never swapped)."""
+    from baselines.omniquant import LearnableClipping
+
+    w = torch.tensor([[-2.0, 1.0, 4.0], [-1.0, 0.5, 3.0]])
+    clip = LearnableClipping(2, 3, bits=2)
+    with torch.no_grad():
+        clip.upper.fill_(0.0)  # σ = 1/2 on the maximum
+        clip.lower.fill_(2.0)  # σ(2) on the minimum
+    s = torch.sigmoid(torch.tensor(2.0))
+    grid = clip.grid(w)
+    hi, lo = torch.tensor([2.0, 1.5]), -s * torch.tensor([2.0, 1.0])
+    torch.testing.assert_close(grid.scale[:, 0], (hi - lo) / 3)
+    assert torch.equal(grid.zero[:, 0], torch.round(-lo / grid.scale[:, 0]))
+    plain = LearnableClipping(2, 3, bits=2, learnable=False).grid(w)  # the raw min-max range
+    torch.testing.assert_close(plain.scale[:, 0], torch.tensor([6.0, 4.0]) / 3)
+
+
+@pytest.mark.parametrize("arch", ["opt", "llama"])
+def test_omniquant_let_and_shift_switches(arch):
+    """LET on/off and the shift: which transform parameters exist, for weight-only and W/A runs."""
+    from baselines.omniquant import OmniQuant
+
+    block = ModelAdapter(random_model(arch, layers=1)).block(0)
+    for spec, options, let, shift in [(QuantSpec(bits=4, act_bits=4), {}, True, arch == "opt"),
+                                      (QuantSpec(bits=4, act_bits=4), {"let": False}, False, arch == "opt"),
+                                      (QuantSpec(bits=4, act_bits=4), {"shift": False}, True, False),
+                                      (QuantSpec(bits=3), {"let": True}, True, False)]:
+        method = OmniQuant(spec, options)
+        assert method.uses_let(block) == let, (spec, options)
+        assert method.uses_shift(block) == shift, (spec, options)
+
+
+# --------------------------------------------------------------------------- GPTQ
+
+
+def gptq_block(monkeypatch, options, damping=None):
+    """Block 0 of a small OPT quantized by GPTQ with spies on the Hessians, the residual statistics
+    and each linear's call; ``damping``: what every linear's sweep reports (its notes)."""
+    import baselines.gptq as gptq_module
+    from aespa.core.hessian import collect_hessians
+    from aespa.core.residual import collect_residual_statistics
+
+    model = random_model("opt", layers=1, seed=0)
+    adapter = ModelAdapter(model)
+    ids = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(0))
+    inputs, kwargs = capture_inputs(adapter, ids, "cpu", batch_size=2)
+    block = adapter.block(0)
+    ctx = BlockContext([block], inputs, kwargs, torch.device("cpu"), torch.float32, batch_size=2, fp_inputs=inputs + 0.01)
+    seen = {"hessians": [], "residuals": [], "linears": [], "notes": []}
+    original = {f"{block.family.linears[r]}.weight": lin.weight.detach().clone() for r, lin in block.linears().items()}
+
+    def hessians(ctx, roles):
+        seen["hessians"].append(tuple(roles))
+        return collect_hessians(ctx, roles)
+
+    def residuals(ctx, roles, **kw):
+        seen["residuals"].append((tuple(roles), kw))
+        return collect_residual_statistics(ctx, roles, **kw)
+
+    monkeypatch.setattr(gptq_module, "collect_hessians", hessians)
+    monkeypatch.setattr(gptq_module, "collect_residual_statistics", residuals)
+    monkeypatch.setattr(ctx, "note", seen["notes"].append)
+    method = get_method("gptq")(QuantSpec(bits=3), options)
+    real = method.quantize_linear
+
+    def linear(weight, hessian, residual):
+        seen["linears"].append({"weight": weight.clone(), "hessian": hessian, "residual": residual})
+        result = real(weight, hessian, residual)
+        if damping is not None:
+            result.damping = damping
+        return result
+
+    method.quantize_linear = linear
+    method.quantize_block(ctx)
+    seen.update(ctx=ctx, original=original, block=block)
+    return seen
+
+
+def test_gptq_true_sequential_collects_a_hessian_per_group(monkeypatch):
+    on = gptq_block(monkeypatch, {})
+    off = gptq_block(monkeypatch, {"true_sequential": False})
+    groups = [g.roles for g in on["block"].groups]
+    assert on["hessians"] == groups and off["hessians"] == [tuple(on["block"].linears())]
+    # later groups see the quantized earlier ones: o's Hessian differs, q's does not
+    assert torch.equal(on["linears"][0]["hessian"], off["linears"][0]["hessian"])
+    assert not torch.equal(on["linears"][3]["hessian"], off["linears"][3]["hessian"])
+
+
+def test_gptq_alpha_scales_the_residual_term(monkeypatch):
+    plain = gptq_block(monkeypatch, {})
+    assert plain["residuals"] == [] and all(c["residual"] is None for c in plain["linears"])
+    assert plain["ctx"].fp_inputs is not None  # the stream is there: alpha alone decides
+    gptaq = gptq_block(monkeypatch, {"alpha": 0.25})
+    roles = list(gptaq["block"].linears())
+    assert [r for r, _ in gptaq["residuals"]] == [g.roles for g in gptaq["block"].groups]
+    fp = gptaq["residuals"][0][1]["fp_params"]
+    assert fp.keys() == gptaq["original"].keys() and all(torch.equal(fp[k], v) for k, v in gptaq["original"].items())
+    for call, role in zip(gptaq["linears"], roles):
+        assert call["residual"] is not None and call["residual"].shape == call["hessian"].shape, role
+    # D = alpha · T · E[(x_fp - x_q) x_qᵀ] (the Hessian's scale: 2/N Σ over N windows of T tokens)
+    ctx = gptaq["ctx"]
+    from aespa.core.residual import collect_residual_statistics
+
+    ctx.block.module.load_state_dict({**ctx.block.module.state_dict(), **gptaq["original"]})
+    stats = collect_residual_statistics(ctx, ("q", "k", "v"), fp_params=gptaq["original"])
+    torch.testing.assert_close(gptaq["linears"][0]["residual"], 0.25 * 16 * stats.inputs["q"])
+
+
+@pytest.mark.parametrize("damping,note", [(0.01, None), (0.01 * (1 + 1e-7), None), (0.1, "used 0.1"),
+                                          (float("inf"), "used inf (rounded to nearest)")])
+def test_gptq_notes_a_raised_damping(monkeypatch, damping, note):
+    seen = gptq_block(monkeypatch, {}, damping=damping)
+    if note is None:
+        assert seen["notes"] == []
+    else:
+        assert len(seen["notes"]) == 6 and seen["notes"][0] == f"gptq q: Cholesky failed at percdamp=0.01; {note}"
+
+
+@pytest.mark.parametrize("options", [{"refine_qparam": True}, {"qparam": "hessian"}, {"qparam": "mse"}])
+def test_gptq_each_qparam_stage_runs_alone_and_changes_the_weights(monkeypatch, options):
+    plain = gptq_block(monkeypatch, {})["block"]
+    staged = gptq_block(monkeypatch, options)["block"]
+    assert any(not torch.equal(a.weight, b.weight) for a, b in zip(plain.linears().values(),
+                                                                 staged.linears().values()))

@@ -1,0 +1,50 @@
+"""Resume with the grids that test_resume.py's one-configuration-per-method sweep does not reach:
+aespa per channel on OPT (ζ on q/k/v, o and fc2) and Z-FOLD with group grids on LLaMA, each stopped
+after block 1 and resumed: the weights, every grid field (ζ included), the phases and the notes
+equal the uninterrupted run's bit for bit."""
+import pytest
+import torch
+
+from aespa.core.checkpoint import BlockCheckpoint
+from aespa.core.grid import Grid
+from aespa.core.method import QuantSpec
+from tests.test_resume import Stop, _assert_same_weights, _quantize, stopping
+
+CASES = [
+    ("opt", "aespa", QuantSpec(bits=2), {"iters": 5, "zfold_rounds": 2}),
+    ("llama", "zfold", QuantSpec(bits=3, group_size=16), {"zfold_rounds": 2}),
+]
+
+
+@pytest.mark.parametrize("arch,name,spec,options", CASES, ids=[f"{c[1]}-{c[0]}" for c in CASES])
+def test_resumed_after_block_1_equals_the_uninterrupted_run(arch, name, spec, options, tmp_path):
+    ref_model, ref, ref_ppl = _quantize(arch, stopping(name, spec, options))
+    checkpoint = BlockCheckpoint(str(tmp_path), name)
+    with pytest.raises(Stop):
+        _quantize(arch, stopping(name, spec, options, stop_at=1), checkpoint)
+    saved = torch.load(checkpoint.path, weights_only=True)
+    assert saved["next_block"] == 1 and saved["run_id"] == name
+    assert all(key.startswith("0.") for key in saved["grids"])  # block 0's grids, ζ in the saved dict
+    assert any("col_scale" in g for g in saved["grids"].values())
+    model, result, ppl = _quantize(arch, stopping(name, spec, options), checkpoint)
+    assert ppl == ref_ppl
+    _assert_same_weights(model, ref_model)
+    assert list(result.grids) == list(ref.grids)
+    folded = 0
+    for key, grid in ref.grids.items():
+        mine = result.grids[key]
+        assert isinstance(mine, Grid) and (mine.bits, mine.group_size) == (grid.bits, grid.group_size), key
+        assert torch.equal(mine.scale, grid.scale) and torch.equal(mine.zero, grid.zero), key
+        assert (mine.col_scale is None) == (grid.col_scale is None), key
+        if grid.col_scale is not None:
+            folded += 1
+            assert torch.equal(mine.col_scale, grid.col_scale), key
+    assert folded >= 3 * 4  # q, k, v of every block at least
+    assert result.phases.keys() == ref.phases.keys()
+    assert result.notes == ref.notes + ["resumed at block 1 of 4"]
+
+
+def test_removing_a_missing_checkpoint_is_not_an_error(tmp_path):
+    checkpoint = BlockCheckpoint(str(tmp_path), "never-written")
+    checkpoint.remove()
+    assert checkpoint.progress() is None and not (tmp_path / "never-written").exists()
