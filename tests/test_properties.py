@@ -361,3 +361,50 @@ def test_activation_quantizer_clamps_scale_and_zero_as_the_references():
 def test_round_to_nearest_keeps_the_dtype(dtype):
     w = torch.randn(4, 8).to(dtype)
     assert round_to_nearest(w, 3).dtype == dtype
+
+
+# --------------------------------------------------------------------------- what each key is made of
+
+
+def key_fields(monkeypatch, call):
+    """The fields a data function hands to DataCache.key (besides the tokenizer)."""
+    seen = []
+    monkeypatch.setattr(data.DataCache, "key", lambda self, tokenizer, **fields: seen.append(fields) or "k")
+    monkeypatch.setattr(data.DataCache, "get", lambda self, key: torch.zeros(8192, dtype=torch.long))
+    call()
+    return seen[-1]
+
+
+def test_each_key_holds_every_field_that_defines_its_windows(monkeypatch, tmp_path):
+    local = tmp_path / "train.txt"
+    local.write_text("text")
+    tok = TOKENIZERS["a"]
+    calibration = key_fields(monkeypatch, lambda: data.calibration_windows(
+        "wikitext2", tok, 8, 32, 5, paths={"wikitext2": str(local)}))
+    assert calibration == {"dataset": "wikitext2", "split": "train", "nsamples": 8, "seqlen": 32, "seed": 5,
+                           "paths": str(local), "files": data.files_fingerprint([str(local)])}
+    hub = key_fields(monkeypatch, lambda: data.calibration_windows("c4", tok, 8, 32, 5))
+    assert hub["paths"] is None and hub["files"] is None and hub["hub"].endswith("c4-train.00000-of-01024.json.gz")
+    test = key_fields(monkeypatch, lambda: data.evaluation_windows("c4-new", tok, 32))
+    assert test == {"dataset": "c4-new", "split": "test", "seqlen": 32, "paths": None, "files": None,
+                    "hub": hub["hub"].replace("train.00000-of-01024", "validation.00000-of-00008")}
+    # c4 and c4-new read the same file: only the dataset name tells their windows apart
+    assert key_fields(monkeypatch, lambda: data.evaluation_windows("c4", tok, 32)) == dict(test, dataset="c4")
+
+
+def test_unknown_sets_name_the_allowed_ones():
+    from aespa.core.errors import UserError
+
+    with pytest.raises(UserError, match="unknown calibration set 'ptb'; allowed: c4, wikitext2, wikivital$"):
+        data.calibration_windows("ptb", TOKENIZERS["a"], 1, 8, 0)
+    with pytest.raises(UserError, match="unknown dataset 'x'; allowed: wikitext2, c4, c4-new, ptb, ptb-new, wikivital$"):
+        data.evaluation_windows("x", TOKENIZERS["a"], 8)
+
+
+def test_run_id_ignores_key_order_and_takes_any_value():
+    from pathlib import Path
+
+    reordered = dict(reversed(list(QUANTIZED.items())))
+    assert records.run_id(reordered) == records.run_id(QUANTIZED)
+    with_path = dict(QUANTIZED, data_paths={"c4": Path("/data/c4")})
+    assert records.run_id(with_path) == records.run_id(dict(QUANTIZED, data_paths={"c4": "/data/c4"}))
