@@ -408,13 +408,14 @@ def write_model_card(folder: str, cfg, record: dict | None, adapter: ModelAdapte
     activations = "not quantized" if cfg.act_bits >= 16 else f"{cfg.act_bits} bits, per token, dynamic"
     base = cfg.model.path + (" (with the planted outlier channels of its model config)" if cfg.model.get("outliers")
                              else "")
+    twin = f", its architecture twin: random weights (seed {cfg.seed}), not the model" if cfg.model.get("twin") else ""
     lines = [
         "---", "library_name: transformers",
         f"tags: [{'quantized, ' if quantized else ''}{fmt if scheme or fmt == 'fake' else 'dense'}, {method['name']}]",
         "---", "",
         f"# {cfg.model.name}, {method['name']} " + (f"W{cfg.bits}A{cfg.act_bits}" if quantized else "full precision"),
         "",
-        f"- base model: `{base}` ({adapter.family.name} family)",
+        f"- base model: `{base}` ({adapter.family.name} family{twin})",
         f"- method: `{method['name']}`; knobs: {knobs}" if quantized else "- not quantized",
         f"- weights: {weights}; activations: {activations}",
         f"- calibration: {calib['dataset']}, {calib['nsamples']} windows of {calib['seqlen']} tokens, seed {cfg.seed}"
