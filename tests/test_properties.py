@@ -408,3 +408,54 @@ def test_run_id_ignores_key_order_and_takes_any_value():
     assert records.run_id(reordered) == records.run_id(QUANTIZED)
     with_path = dict(QUANTIZED, data_paths={"c4": Path("/data/c4")})
     assert records.run_id(with_path) == records.run_id(dict(QUANTIZED, data_paths={"c4": "/data/c4"}))
+
+
+def test_tokenizer_fingerprint_reads_the_whole_definition():
+    class Backend:
+        def __init__(self, text):
+            self.text = text
+
+        def to_str(self):
+            return self.text
+
+    def with_backend(text):
+        tok = FakeTokenizer()
+        tok.backend_tokenizer = Backend(text)
+        return tok
+
+    # the same vocabulary with other merges is another tokenizer; a vocabulary's order is not
+    assert data.tokenizer_fingerprint(with_backend("merges a")) != data.tokenizer_fingerprint(with_backend("merges b"))
+    assert data.tokenizer_fingerprint(FakeTokenizer({"a": 0, "b": 1})) == \
+        data.tokenizer_fingerprint(FakeTokenizer({"b": 1, "a": 0}))
+    assert data.tokenizer_fingerprint(with_backend("m")) != data.tokenizer_fingerprint(FakeTokenizer())
+
+
+class CharTokenizer(FakeTokenizer):
+    """One id per character: windows are checkable by hand."""
+
+    def __call__(self, text, return_attention_mask=False):
+        return {"input_ids": [ord(c) % 97 for c in text]}
+
+
+@FAST
+@given(st.integers(1, 4), st.integers(2, 6), st.integers(0, 99))
+def test_calibration_windows_are_the_seeded_cuts_and_come_back_from_the_cache(nsamples, seqlen, seed):
+    import random
+    import tempfile
+
+    text = "the quick brown fox jumps over the lazy dog " * 3
+    with tempfile.TemporaryDirectory() as folder:
+        local = f"{folder}/train.txt"
+        with open(local, "w") as f:
+            f.write(text)
+        cache = data.DataCache(f"{folder}/cache")
+        ids = data.calibration_windows("wikitext2", CharTokenizer(), nsamples, seqlen, seed, cache,
+                                       paths={"wikitext2": local})
+        stream = torch.tensor([ord(c) % 97 for c in "\n\n".join(data._texts("wikitext2", "train",
+                                                                              {"wikitext2": local}))])
+        rng = random.Random(seed)
+        starts = [rng.randint(0, stream.numel() - seqlen - 1) for _ in range(nsamples)]
+        assert torch.equal(ids, torch.stack([stream[s:s + seqlen] for s in starts]))
+        stored = sorted(p for p in __import__("os").listdir(f"{folder}/cache") if p.endswith(".safetensors"))
+        assert len(stored) == 1
+        assert torch.equal(cache.get(stored[0][: -len(".safetensors")]), ids)
