@@ -311,10 +311,25 @@ def test_opt_350m_refuses_what_folds_into_a_norm_before_any_weight_loads(overrid
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").glob("*.json"))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [
+    ("method=zfold", "method.zfold_rounds=1"), ("method=boa",), ("method=turboboa", "method.n_quant_rows=4"),
+    ("method=brecq", "method.iters=5"), ("method=qllm", "act_bits=4", "method.reassembly=false", "method.epochs=1"),
+    ("method=rtn", "act_bits=4"),
+], ids=["zfold", "boa", "turboboa", "brecq", "qllm-eec-only", "rtn-w4a4"])
+def test_the_other_methods_run_on_opt_350m(args, tmp_path):
+    """Every method that needs only the linears' inputs runs on the post-LayerNorm family."""
+    record = run(compose(*twin_overrides("opt-350m", tmp_path, *args)))
+    check_record(record, "opt-350m", tmp_path)
+
+
 def test_opt_350m_omniquant_auto_is_lwc_only(tmp_path):
     record = run(compose(*twin_overrides("opt-350m", tmp_path, "method=omniquant", "method.epochs=1", "act_bits=8")))
     check_record(record, "opt-350m", tmp_path)
     assert record["a_bits"] == 8
+    block = ModelAdapter(twin_model("opt-350m")[0]).block(0)
+    assert not get_method("omniquant")(QuantSpec(bits=3, act_bits=8)).uses_let(block)
+    assert get_method("omniquant")(QuantSpec(bits=3, act_bits=8)).uses_let(ModelAdapter(twin_model("opt-125m")[0]).block(0))
 
 
 @pytest.mark.parametrize("overrides,expected", [
