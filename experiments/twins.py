@@ -129,6 +129,8 @@ def _narrower(arch: dict, hidden: int, name) -> dict:
     """The widths of a twin ``hidden`` wide: heads kept, every other width scaled."""
     real, heads = arch["hidden_size"], arch["num_attention_heads"]
     rotary = arch["model_type"] in ROTARY_TYPES
+    if hidden > real:
+        raise UserError(f"model.twin_hidden={hidden} is wider than {name} ({real}); use a narrower width or null")
     step = 2 * heads if rotary else heads  # rotary embeddings rotate pairs: an even head dimension
     if hidden % step:
         near = max(step, round(hidden / step) * step)

@@ -343,6 +343,7 @@ def test_opt_350m_omniquant_auto_is_lwc_only(tmp_path):
     (["model=opt-125m", "~model.arch", "model.twin=true"],
      ["model 'opt-125m' has no architecture facts (model.arch)", "model.twin=true cannot build it"]),
     (["model=opt-125m", "model.twin=true", "model.twin_layers=13"], ["model.twin_layers=13", "use 1..12"]),
+    (["model=opt-125m", "model.twin=true", "model.twin_hidden=1536"], ["model.twin_hidden=1536 is wider than opt-125m"]),
     (["model=opt-125m", "model.twin=yes"], ["model.twin='yes'", "true or false"]),
 ])
 def test_twin_mistakes_are_one_line_before_anything_loads(overrides, expected, tmp_path, capsys):
