@@ -6,6 +6,7 @@ input that defines the cached value."""
 import copy
 import hashlib
 import json
+import math
 
 import pytest
 import torch
@@ -459,3 +460,181 @@ def test_calibration_windows_are_the_seeded_cuts_and_come_back_from_the_cache(ns
         stored = sorted(p for p in __import__("os").listdir(f"{folder}/cache") if p.endswith(".safetensors"))
         assert len(stored) == 1
         assert torch.equal(cache.get(stored[0][: -len(".safetensors")]), ids)
+
+
+# --------------------------------------------------------------------------- the Hessian, entry by entry
+
+
+def test_hessian_accumulator_counts_sequences_per_batch_and_keeps_fp64():
+    x1 = torch.arange(24.0).reshape(2, 4, 3) / 7  # 2 sequences of 4 tokens
+    x2 = torch.arange(6.0).reshape(2, 3) - 2.5  # a 2-D batch: one sequence
+    x3 = torch.linspace(-1, 1, 24).reshape(2, 2, 2, 3)  # 4-D: its first dimension counts
+    acc = HessianAccumulator()
+    assert acc.hessian is None and acc.nsamples == 0
+    tokens = []
+    for x, n in ((x1, 2), (x2, 3), (x3, 5)):
+        acc.add(x)
+        tokens.append(x.reshape(-1, 3))
+        t = torch.cat(tokens)
+        assert acc.nsamples == n and acc.hessian.dtype == torch.float32
+        torch.testing.assert_close(acc.hessian, 2 / n * t.T @ t, rtol=1e-6, atol=1e-6)
+    double = HessianAccumulator()
+    double.add(x1.double())
+    assert double.hessian.dtype == torch.float64
+    half = HessianAccumulator()
+    half.add(x1.half())
+    assert half.hessian.dtype == torch.float32
+
+
+def test_second_moment_keeps_leading_dimensions_apart_and_pairs_x_with_y():
+    g = torch.Generator().manual_seed(0)
+    x = [torch.randn(2, 3, 5, 4, generator=g) for _ in range(2)]  # [heads, batch, tokens, d]
+    y = [torch.randn(2, 3, 5, 6, generator=g) for _ in range(2)]
+    m = RunningSecondMoment()
+    assert m.mean is None and m.tokens == 0
+    for a, b in zip(x, y):
+        m.add(a, b, leading=1)
+    xs, ys = torch.cat(x, 1).reshape(2, 30, 4), torch.cat(y, 1).reshape(2, 30, 6)
+    assert m.tokens == 30 and m.mean.shape == (2, 4, 6)
+    torch.testing.assert_close(m.mean, xs.transpose(1, 2) @ ys / 30)
+    flat = RunningSecondMoment()  # leading=0 by default: every dimension but the last counts tokens
+    flat.add(x[0].double())
+    t = x[0].reshape(-1, 4)
+    assert flat.tokens == 30 and flat.mean.dtype == torch.float32
+    torch.testing.assert_close(flat.mean, t.T @ t / 30)
+
+
+def test_prepare_hessian_per_head_dead_channels():
+    h = torch.stack([torch.diag(torch.tensor([2.0, 0.0, 4.0])), torch.diag(torch.tensor([0.0, 3.0, 6.0]))])
+    damped, dead = prepare_hessian(h, 0.5)
+    assert dead.tolist() == [[False, True, False], [True, False, False]]
+    torch.testing.assert_close(damped[0], torch.diag(torch.tensor([2.0, 1.0, 4.0]) + 0.5 * 7 / 3))
+    torch.testing.assert_close(damped[1], torch.diag(torch.tensor([1.0, 3.0, 6.0]) + 0.5 * 10 / 3))
+    assert prepare_hessian(torch.diag(torch.tensor([0.0, 2.0])), 0.0)[0].tolist() == [[1.0, 0.0], [0.0, 2.0]]
+
+
+def test_zero_dead_columns_per_head_and_for_a_residual():
+    from aespa.core.hessian import zero_dead_columns
+
+    w = torch.arange(1.0, 13.0).reshape(4, 3)  # 2 heads of 2 rows
+    dead = torch.tensor([[False, True, False], [True, False, False]])
+    expected = w.clone()
+    expected[:2, 1] = 0
+    expected[2:, 0] = 0
+    assert torch.equal(zero_dead_columns(w, dead), expected)
+    assert torch.equal(zero_dead_columns(w, torch.tensor([False, False, True])), w * torch.tensor([1.0, 1.0, 0.0]))
+    residual = torch.ones(2, 3, 3)
+    out = zero_dead_columns(residual, dead)
+    assert out[0, :, 1].eq(0).all() and out[1, :, 0].eq(0).all() and out.sum() == 18 - 6
+    assert torch.equal(w, torch.arange(1.0, 13.0).reshape(4, 3))  # a copy
+
+
+def _diag(values, damp=0.0):
+    return torch.diag(torch.tensor(values, dtype=torch.float64)) + damp * torch.eye(len(values), dtype=torch.float64)
+
+
+def _check_factor(upper, h):
+    assert torch.equal(upper, upper.triu())
+    torch.testing.assert_close(upper.T @ upper, torch.linalg.inv(h))
+
+
+def test_inverse_cholesky_upper_factor_and_its_damping_retries():
+    from aespa.core.hessian import inverse_cholesky_upper
+
+    h = _diag([4.0, 1.0, 2.0]) + 0.5
+    upper, used = inverse_cholesky_upper(h)
+    assert used == 0.0
+    _check_factor(upper, h)
+    assert inverse_cholesky_upper(h, 0.37)[1] == 0.37  # succeeded at once: the damping it was given
+    # without damping the retries add 1e-3 · mean(diag) · 10^k, k = 1, 2, 3
+    for values, k in (([1.0, 1.0, -1e-4], 1), ([1.0, 1.0, -0.05], 2), ([1.0] * 9 + [-0.5], 3)):
+        h = _diag(values)
+        upper, used = inverse_cholesky_upper(h)
+        assert used == 1e-3 * h.diagonal().mean().item() * 10**k, values
+        _check_factor(upper, h + used * torch.eye(len(values), dtype=h.dtype))
+    # with damping d already on the diagonal: d · 10^k in all, so (d · 10^k - d) is added
+    h = _diag([1.0, 1.0, -0.05], 0.01)
+    upper, used = inverse_cholesky_upper(h, 0.01)
+    assert used == 0.01 * 10
+    _check_factor(upper, h + (used - 0.01) * torch.eye(3, dtype=h.dtype))
+    # four attempts in all: a fifth (10^4) would have succeeded here
+    upper, used = inverse_cholesky_upper(_diag([1.0] * 9 + [-2.0]))
+    assert used == math.inf
+    assert inverse_cholesky_upper(_diag([1.0] * 9 + [-2.0]), tries=5)[1] == 1e-3 * 0.7 * 10**4
+    # every attempt failed: 1/sqrt of the usable diagonal, 1 where it is not finite or not positive
+    h = _diag([4.0, float("nan"), -1.0, 0.0, 0.25])
+    h[0, 1] = float("nan")
+    upper, used = inverse_cholesky_upper(h)
+    assert used == math.inf and torch.equal(upper, torch.diag(torch.tensor([0.5, 1, 1, 1, 2], dtype=h.dtype)))
+
+
+def test_inverse_cholesky_upper_batched_is_matrix_by_matrix():
+    from aespa.core.hessian import inverse_cholesky_upper
+
+    good, retried = _diag([4.0, 1.0, 2.0]) + 0.5, _diag([1.0, 1.0, -0.05])
+    stacked = torch.stack([torch.stack([good, retried]), torch.stack([retried, good])])  # [2, 2, 3, 3]
+    upper, used = inverse_cholesky_upper(stacked)
+    assert upper.shape == stacked.shape and used == inverse_cholesky_upper(retried)[1] > 0
+    assert torch.equal(upper[0, 0], inverse_cholesky_upper(good)[0])
+    assert torch.equal(upper[0, 1], inverse_cholesky_upper(retried)[0])
+    assert torch.equal(upper[1, 0], upper[0, 1]) and torch.equal(upper[1, 1], upper[0, 0])
+    three = inverse_cholesky_upper(torch.stack([good, retried]))
+    assert three[1] == used and torch.equal(three[0][1], upper[0, 1])
+
+
+def _one_block_context(nan=False):
+    model = random_model("opt", layers=1)
+    adapter = ModelAdapter(model)
+    ids = torch.randint(0, 512, (3, 8), generator=torch.Generator().manual_seed(0))
+    inputs, kwargs = capture_inputs(adapter, ids, "cpu", batch_size=3)
+    if nan:
+        inputs[0, 0, 0] = float("nan")
+    return adapter, inputs, BlockContext([adapter.block(0)], inputs, kwargs, torch.device("cpu"), torch.float32,
+                                         batch_size=3)
+
+
+def test_collect_hessians_hands_every_role_its_own_tensor_and_names_bad_roles():
+    from aespa.core.errors import NumericalError
+    from aespa.core.hessian import collect_hessians
+
+    adapter, inputs, ctx = _one_block_context()
+    hessians = collect_hessians(ctx, ["k", "v", "q"])
+    x = adapter.block(0).norm("attn_norm")(inputs).reshape(-1, 64)
+    torch.testing.assert_close(hessians["q"], 2 / 3 * x.T @ x, rtol=1e-4, atol=1e-4)
+    assert len({id(h) for h in hessians.values()}) == 3 and all(torch.equal(h, hessians["k"]) for h in hessians.values())
+    alone = collect_hessians(ctx, ["v"])  # one role of a group
+    assert list(alone) == ["v"] and torch.equal(alone["v"], hessians["v"])
+    with pytest.raises(ValueError, match=r"roles \['x'\] are not linears of this block; known: \['q', 'k', 'v', 'o'"):
+        collect_hessians(ctx, ["q", "x"])
+    *_, bad = _one_block_context(nan=True)
+    with pytest.raises(NumericalError, match=r"^NaN in block 0: Hessian of the q input$"):
+        collect_hessians(bad, ["q"])
+
+
+def test_evaluation_windows_cut_the_stream_and_store_it(tmp_path):
+    from aespa.core.errors import UserError
+
+    text = "abcdefghij" * 2
+    local = tmp_path / "test.txt"
+    local.write_text(text)
+    paths = {"wikitext2": str(local)}
+    cache = data.DataCache(str(tmp_path / "cache"))
+    stream = torch.tensor([ord(c) % 97 for c in "\n\n".join(data._texts("wikitext2", "test", paths))])
+    ids = data.evaluation_windows("wikitext2", CharTokenizer(), 6, cache, paths=paths)
+    assert torch.equal(ids, stream[:18].view(3, 6))
+    key = cache.key(CharTokenizer(), dataset="wikitext2", split="test", seqlen=6,
+                    **data._origin("wikitext2", "test", paths))
+    assert torch.equal(cache.get(key), stream)  # the whole stream is stored under its key
+    assert torch.equal(data.evaluation_windows("wikitext2", CharTokenizer(), stream.numel(), paths=paths),
+                       stream[None])  # exactly one window
+    with pytest.raises(UserError, match=rf"^dataset 'wikitext2' has {stream.numel()} tokens, fewer than one window "
+                                        rf"of seqlen={stream.numel() + 1}$"):
+        data.evaluation_windows("wikitext2", CharTokenizer(), stream.numel() + 1, paths=paths)
+
+
+def test_c4_new_is_cut_at_its_windows_of_seqlen(monkeypatch):
+    monkeypatch.setattr(data, "C4_WINDOWS", 2)
+    monkeypatch.setattr(data, "_texts", lambda name, split, paths: ["abcd", "efgh", "ijkl"])
+    ids = data.evaluation_windows("c4-new", CharTokenizer(), 3)
+    stream = torch.tensor([ord(c) % 97 for c in "abcd efgh ijkl"])
+    assert torch.equal(ids, stream[:6].view(2, 3))  # C4_WINDOWS · seqlen tokens of the stream
