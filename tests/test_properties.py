@@ -638,3 +638,145 @@ def test_c4_new_is_cut_at_its_windows_of_seqlen(monkeypatch):
     ids = data.evaluation_windows("c4-new", CharTokenizer(), 3)
     stream = torch.tensor([ord(c) % 97 for c in "abcd efgh ijkl"])
     assert torch.equal(ids, stream[:6].view(2, 3))  # C4_WINDOWS · seqlen tokens of the stream
+
+
+# --------------------------------------------------------------------------- aespa's grids (qparams), by brute force
+
+
+def _reference_search(weight, hessian, bits, sym, group_size, zeta):
+    """hessian_weighted_grid with loops: group after group, each row's candidates (ratio by ratio, zero
+    point floor then ceil) scored with the whole row's loss (the other groups at their current grids);
+    the first strictly smallest wins."""
+    from aespa.qparams import CLIP_RATIOS
+
+    out, cols = weight.shape
+    heads = hessian.shape[0] if hessian.dim() == 3 else 1
+    h3 = hessian if hessian.dim() == 3 else hessian[None]
+    w = weight / zeta
+    size = cols if group_size == -1 else group_size
+    maxq = 2**bits - 1
+    start = minmax_grid(w, bits, sym, group_size)
+    scale, zero = start.scale.to(w.dtype), start.zero.to(w.dtype)
+    lo, hi = minmax_range(w.reshape(-1, size), sym)
+    lo, hi = lo.reshape(out, -1), hi.reshape(out, -1)
+    for g in range(cols // size):
+        for r in range(out):
+            h = h3[r // (out // heads)]
+            best = (float("inf"), None, None)
+            for ratio in CLIP_RATIOS.tolist():
+                step = (hi[r, g] * ratio - lo[r, g] * ratio) / maxq
+                zeros = [torch.tensor((maxq + 1) / 2, dtype=w.dtype)] if sym else \
+                    [torch.floor(-lo[r, g] * ratio / step), torch.ceil(-lo[r, g] * ratio / step)]
+                for z in zeros:
+                    s, zz = scale[r].clone(), zero[r].clone()
+                    s[g], zz[g] = step, z
+                    row = Grid(s[None], zz[None], bits, group_size, zeta)
+                    d = (row.fake_quantize(weight[r:r + 1]) - weight[r:r + 1])[0]
+                    score = (d @ h @ d).item()
+                    if score < best[0]:
+                        best = (score, step, z)
+            scale[r, g], zero[r, g] = best[1], best[2]
+    return scale, zero
+
+
+@pytest.mark.parametrize("sym,group_size,heads,zeta", [(False, 4, 1, False), (True, 4, 2, True), (False, -1, 2, True),
+                                                        (False, 6, 1, True)])
+def test_hessian_weighted_grid_is_the_reference_search(sym, group_size, heads, zeta):
+    from aespa.qparams import hessian_weighted_grid, weighted_error
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(4, 12, generator=g, dtype=torch.float64)
+    x = torch.randn(heads, 40, 12, generator=g, dtype=torch.float64) @ torch.randn(12, 12, generator=g,
+                                                                                   dtype=torch.float64)
+    h = (x.transpose(1, 2) @ x / 40)
+    h = h if heads > 1 else h[0]
+    col = torch.rand(12, generator=g, dtype=torch.float64) + 0.5 if zeta else None
+    grid = hessian_weighted_grid(w, h, 2, sym, group_size, col)
+    scale, zero = _reference_search(w, h, 2, sym, group_size, torch.ones(12, dtype=w.dtype) if col is None else col)
+    torch.testing.assert_close(grid.scale, scale, rtol=1e-12, atol=0)
+    assert torch.equal(grid.zero, zero) and grid.bits == 2 and grid.group_size == group_size
+    assert grid.col_scale is col and grid.scale.dtype == torch.float64
+    # the loss it minimises, rows split by head
+    d = (grid.fake_quantize(w) - w).reshape(heads, -1, 12)
+    h3 = h if heads > 1 else h[None]
+    torch.testing.assert_close(weighted_error(w, grid, h), torch.einsum("hri,hij,hrj->", d, h3, d))
+
+
+def test_hessian_weighted_grid_defaults_and_chunks(monkeypatch):
+    from aespa import qparams
+
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(5, 8, generator=g)
+    x = torch.randn(30, 8, generator=g)
+    h = x.T @ x
+    grid = qparams.hessian_weighted_grid(w, h, 3)
+    assert grid.col_scale is None and grid.group_size == -1 and grid.scale.dtype == torch.float32
+    assert torch.equal(grid.zero, grid.zero.round()) and not (grid.zero == 4).all()  # asymmetric by default
+    monkeypatch.setattr(qparams, "CHUNK_ELEMENTS", 3 * 5 * 8)  # three candidates at a time: the same grid
+    chunked = qparams.hessian_weighted_grid(w, h, 3)
+    assert torch.equal(chunked.scale, grid.scale) and torch.equal(chunked.zero, grid.zero)
+
+
+def test_find_zeta_is_the_least_squares_factor_and_one_for_a_dead_column():
+    from aespa.qparams import find_zeta
+
+    w = torch.tensor([[0.3, 0.0, -1.2], [0.7, 0.0, 0.4]])
+    grid = Grid(torch.tensor([[0.5], [0.25]]), torch.tensor([[2.0], [1.0]]), 2, -1, torch.full((3,), 9.0))
+    zeta = torch.tensor([1.0, 2.0, 0.5])
+    values = Grid(grid.scale, grid.zero, 2).fake_quantize(w / zeta)  # col_scale of the grid is ignored
+    expected = (values * w).sum(0) / ((values * values).sum(0) + 1e-10)
+    expected[1] = 1.0
+    assert torch.equal(find_zeta([w], [grid], zeta), expected)
+    halves = find_zeta([w[:1], w[1:]], [Grid(grid.scale[:1], grid.zero[:1], 2), Grid(grid.scale[1:], grid.zero[1:], 2)],
+                       zeta)
+    assert torch.equal(halves, expected)  # rows of several layers are stacked
+
+
+def test_zfold_rounds_losses_and_what_it_returns():
+    from aespa.qparams import find_zeta, hessian_weighted_grid, weighted_error, zfold
+
+    g = torch.Generator().manual_seed(7)  # two rounds accepted, the third one stops it
+    x = torch.randn(64, 8, generator=g, dtype=torch.float64)
+    h = x.T @ x / 64
+    col = torch.rand(8, generator=g, dtype=torch.float64).add(0.3)
+    weights = [torch.randn(6, 8, generator=g, dtype=torch.float64) * col,
+               torch.randn(4, 8, generator=g, dtype=torch.float64) * col]
+    seen = []
+    result = zfold(weights, [h, 2 * h], bits=2, max_rounds=4, on_round=lambda i, loss: seen.append((i, loss)))
+    # the same loop by hand
+    zeta = torch.ones(8, dtype=torch.float64)
+    grids = [minmax_grid(w, 2) for w in weights]
+    best = initial = sum(weighted_error(w, Grid(gr.scale, gr.zero, 2, -1, zeta), hh)
+                         for w, gr, hh in zip(weights, grids, [h, 2 * h])).item()
+    expected, accepted, kept = [], 0, (grids, zeta)
+    for i in range(4):
+        zeta = find_zeta(weights, grids, zeta)
+        grids = [hessian_weighted_grid(w, hh, 2, False, -1, zeta) for w, hh in zip(weights, [h, 2 * h])]
+        loss = sum(weighted_error(w, gr, hh) for w, gr, hh in zip(weights, grids, [h, 2 * h])).item()
+        expected.append((i + 1, loss))
+        if loss > best:
+            break
+        best, accepted, kept = loss, accepted + 1, (grids, zeta)
+    assert len(seen) == 3 and accepted == 2
+    assert seen == expected and result.rounds == accepted and result.initial_loss == initial and result.loss == best
+    assert torch.equal(result.zeta, kept[1]) and all(torch.equal(a.scale, b.scale) and torch.equal(a.zero, b.zero)
+                                                     for a, b in zip(result.grids, kept[0]))
+    assert result.zeta.dtype == torch.float64
+
+
+def test_zfold_goes_on_through_ties_and_starts_from_the_given_grids():
+    from aespa.qparams import weighted_error, zfold
+
+    w = torch.tensor([[0.0, 0.5, 1.0, 1.5], [0.0, -1.0, 1.0, 2.0]])  # on their min-max grids: no error
+    h = torch.eye(4)
+    result = zfold([w], [h], bits=2, max_rounds=3)
+    assert result.rounds == 3 and result.loss == 0.0 and result.initial_loss == 0.0  # equal losses continue
+    assert torch.equal(result.zeta, torch.ones(4))
+    start = Grid(torch.tensor([[0.4], [0.9]]), torch.tensor([[0.0], [1.0]]), 2)
+    given = zfold([w], [h], bits=2, max_rounds=0, initial_grids=[start])
+    assert given.rounds == 0 and given.initial_loss == weighted_error(w, start, h).item() > 0
+    assert torch.equal(given.grids[0].scale, start.scale) and torch.equal(given.grids[0].col_scale, torch.ones(4))
+    sym = zfold([w], [h], bits=2, sym=True, max_rounds=0)
+    assert (sym.grids[0].zero == 2).all()
+    grouped = zfold([w], [h], bits=2, group_size=2, max_rounds=1)
+    assert grouped.grids[0].scale.shape == (2, 2) and grouped.grids[0].group_size == 2
