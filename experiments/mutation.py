@@ -15,7 +15,8 @@ checked; ``rm -rf mutants`` starts over (needed after a change of the tests sele
 
 The score counts killed (and timed-out) mutants over all mutants that a test reaches; a survivor
 is either killed by a test or listed, with its reason, in ``tests/mutation/equivalent.md``
-(``--report`` subtracts the listed ones). Not part of CI.
+(``--report`` subtracts the listed equivalent ones; the "out of scope" ones, survivors covered by
+tests outside the selection, are subtracted only from the "in scope" score). Not part of CI.
 """
 from __future__ import annotations
 
@@ -55,34 +56,53 @@ def results() -> dict[str, tuple[str, str]]:
     return out
 
 
-def equivalent() -> set[str]:
-    """Mutant names listed in the reviewed list (first column of its table rows)."""
+def listed(section: str) -> set[str]:
+    """Mutant names listed in one section (``## <section>...``) of the reviewed list: the first
+    column of its table rows."""
     if not EQUIVALENT.exists():
         return set()
-    return set(re.findall(r"^\|\s*`([^`]+__mutmut_\d+)`", EQUIVALENT.read_text(), flags=re.M))
+    text = EQUIVALENT.read_text()
+    parts = re.split(r"^## ", text, flags=re.M)
+    body = "".join(p for p in parts if p.lower().startswith(section.lower()))
+    return set(re.findall(r"^\|\s*`([^`]+__mutmut_\d+)`", body, flags=re.M))
+
+
+def equivalent() -> set[str]:
+    """Mutants listed as equivalent (no test can tell them from the code)."""
+    return listed("Equivalent")
+
+
+def out_of_scope() -> set[str]:
+    """Survivors left to the tests of another part (listed with the test file that covers them)."""
+    return listed("Out of scope")
 
 
 def report() -> None:
-    rows, listed = Counter(), equivalent()
+    rows, eq, deferred = Counter(), equivalent(), out_of_scope()
     for name, (source, status) in results().items():
         rows[source, status] += 1
-        if status == "survived" and name in listed:
+        if status == "survived" and name in eq:
             rows[source, "equivalent"] += 1
+        if status == "survived" and name in deferred:
+            rows[source, "out of scope"] += 1
     sources = sorted({s for s, _ in rows})
     print(f"{'module':<28} {'mutants':>7} {'no test':>7} {'killed':>7} {'timeout':>7} {'survived':>8} "
-          f"{'equiv.':>6} {'unchecked':>9} {'score':>6}")
+          f"{'equiv.':>6} {'o.o.s.':>6} {'unchecked':>9} {'score':>6} {'in scope':>8}")
     total = Counter()
     for s in sources + ["all"]:
         c = total if s == "all" else Counter({k: v for (src, k), v in rows.items() if src == s})
         if s != "all":
             total.update(c)
-        n = sum(v for k, v in c.items() if k != "equivalent")
+        n = sum(v for k, v in c.items() if k not in ("equivalent", "out of scope"))
         reached = n - c["no tests"] - c["not checked"]
         dead = c["killed"] + c["timeout"] + c["segfault"]
         score = f"{100 * dead / (reached - c['equivalent']):.1f}" if reached > c["equivalent"] else "-"
+        rest = reached - c["equivalent"] - c["out of scope"]
+        scoped = f"{100 * dead / rest:.1f}" if rest > 0 else "-"
         print(f"{s:<28} {n:>7} {c['no tests']:>7} {c['killed']:>7} {c['timeout']:>7} {c['survived']:>8} "
-              f"{c['equivalent']:>6} {c['not checked']:>9} {score:>6}")
-    print("score: (killed + timeout) / (mutants a test reaches - listed equivalent ones)")
+              f"{c['equivalent']:>6} {c['out of scope']:>6} {c['not checked']:>9} {score:>6} {scoped:>8}")
+    print("score: (killed + timeout) / (mutants a test reaches - listed equivalent ones); in scope: also without "
+          "the survivors listed as out of scope (o.o.s.: covered by tests outside the mutation selection)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -780,3 +780,18 @@ def test_zfold_goes_on_through_ties_and_starts_from_the_given_grids():
     assert (sym.grids[0].zero == 2).all()
     grouped = zfold([w], [h], bits=2, group_size=2, max_rounds=1)
     assert grouped.grids[0].scale.shape == (2, 2) and grouped.grids[0].group_size == 2
+
+
+def test_statistics_and_grids_stay_on_the_inputs_device_and_dtype():
+    """The meta device stands in for an accelerator (a CPU tensor mixed in fails or stays on the CPU)."""
+    from aespa.qparams import hessian_weighted_grid
+
+    acc = HessianAccumulator()
+    acc.add(torch.empty(2, 3, 4, device="meta"))
+    assert acc.hessian.device.type == "meta"
+    grid = hessian_weighted_grid(torch.empty(4, 8, device="meta"), torch.empty(8, 8, device="meta"), 2, group_size=4)
+    assert grid.scale.device.type == "meta" and grid.zero.device.type == "meta"
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(6, 16, generator=g), torch.randn(40, 16, generator=g)
+    half = hessian_weighted_grid(w.half(), (x.T @ x / 40).half(), 2, group_size=8)
+    assert half.scale.dtype == torch.float16 and half.zero.dtype == torch.float16
