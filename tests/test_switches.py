@@ -370,3 +370,65 @@ def test_gptq_each_qparam_stage_runs_alone_and_changes_the_weights(monkeypatch, 
     staged = gptq_block(monkeypatch, options)["block"]
     assert any(not torch.equal(a.weight, b.weight) for a, b in zip(plain.linears().values(),
                                                                  staged.linears().values()))
+
+
+# --------------------------------------------------------------------------- aespa's grids and their progress
+
+
+class ProgressRecorder:
+    """Stands for BlockContext.progress: the tasks opened, their steps, log lines and close."""
+
+    def __init__(self):
+        self.tasks = []
+
+    def __call__(self, phase, layer="", total=None):
+        task = {"args": (phase, layer, total), "steps": [], "logs": [], "closed": []}
+        self.tasks.append(task)
+
+        class Task:
+            def update(self, step, loss=None):
+                task["steps"].append((step, loss))
+
+            def log(self, message):
+                task["logs"].append(message)
+
+            def close(self, summary=True):
+                task["closed"].append(summary)
+
+        return Task()
+
+
+@pytest.mark.parametrize("sym,group_size,rounds", [(False, -1, 1), (True, 16, 2)])
+def test_quantization_parameters_fold_groups_and_the_rest(sym, group_size, rounds):
+    from aespa.statistics import QuadraticObjective
+
+    block = ModelAdapter(random_model("llama", layers=1, seed=0)).block(0)
+    g = torch.Generator().manual_seed(0)
+    original = {r: lin.weight.data.float().clone() for r, lin in block.linears().items()}
+    weights = {r: w * (1 + 0.1 * torch.rand(w.shape[1], generator=g)) for r, w in original.items()}  # not the original
+    objectives = {}
+    for r, w in weights.items():
+        x = torch.randn(3 * w.shape[1], w.shape[1], generator=g)
+        objectives[r] = QuadraticObjective(x.T @ x / x.shape[0] + 0.1 * torch.eye(w.shape[1]), None)
+    spec = QuantSpec(bits=2, sym=sym, group_size=group_size)
+    method = get_method("aespa")(spec, {"zfold_rounds": rounds})
+    progress = ProgressRecorder()
+    grids = method.quantization_parameters(block, original, weights, objectives, progress)
+    groups = aespa_method.zfold_groups(block)
+    assert [t["args"] for t in progress.tasks] == [("qparams", " ".join(grp), rounds) for grp in groups]
+    for grp, task in zip(groups, progress.tasks):
+        seen = []
+        result = zfold([weights[r] for r in grp], [objectives[r].hessian for r in grp], 2, sym, group_size, rounds,
+                       initial_grids=[minmax_grid(original[r], 2, sym, group_size) for r in grp],
+                       on_round=lambda i, loss: seen.append((i, loss)))
+        assert task["steps"] == seen and len(seen) >= 1 and task["closed"] == [False]
+        assert task["logs"] == [f"Z-Fold: {result.rounds} rounds kept, loss {result.initial_loss:.4g} -> "
+                                f"{result.loss:.4g}"]
+        for r, grid in zip(grp, result.grids):
+            assert same_grid(grids[r], grid), r
+    folded = {r for grp in groups for r in grp}
+    assert set(grids) == set(original) and folded < set(grids)
+    for r in set(grids) - folded:
+        assert same_grid(grids[r], hessian_weighted_grid(weights[r], objectives[r].hessian, 2, sym, group_size)), r
+    quiet = method.quantization_parameters(block, original, weights, objectives)  # no progress: the same grids
+    assert all(same_grid(quiet[r], grids[r]) for r in grids)
