@@ -795,3 +795,23 @@ def test_statistics_and_grids_stay_on_the_inputs_device_and_dtype():
     w, x = torch.randn(6, 16, generator=g), torch.randn(40, 16, generator=g)
     half = hessian_weighted_grid(w.half(), (x.T @ x / 40).half(), 2, group_size=8)
     assert half.scale.dtype == torch.float16 and half.zero.dtype == torch.float16
+
+
+def test_a_factor_whose_inverse_does_not_factor_is_retried():
+    """Nearly singular: H factors, its inverse (cholesky_inverse) does not; the damping is raised."""
+    from aespa.core.hessian import inverse_cholesky_upper
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        v = torch.randn(6, 2, generator=g, dtype=torch.float64)
+        h = v @ v.T + 1e-17 * torch.eye(6, dtype=torch.float64)
+        lower, info = torch.linalg.cholesky_ex(h)
+        if info.any() or not torch.isfinite(lower).all():
+            continue
+        if torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)[1].any():
+            break
+    else:
+        pytest.skip("this platform's Cholesky factored every inverse drawn")
+    upper, used = inverse_cholesky_upper(h)
+    assert used > 0  # not the factor of the failed attempt
+    _check_factor(upper, h + used * torch.eye(6, dtype=h.dtype))
