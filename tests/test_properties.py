@@ -536,6 +536,8 @@ def _diag(values, damp=0.0):
 def _check_factor(upper, h):
     assert torch.equal(upper, upper.triu())
     torch.testing.assert_close(upper.T @ upper, torch.linalg.inv(h))
+    # bit for bit the reference's chain on exactly this matrix (a damping added in another precision is not)
+    assert torch.equal(upper, torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True))
 
 
 def test_inverse_cholesky_upper_factor_and_its_damping_retries():
