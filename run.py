@@ -82,6 +82,11 @@ def main(cfg: DictConfig):
     from experiments.runner import RecordNotWritten, run
 
     try:
+        if cfg.plan:  # the resource plan only (experiments/plan.py)
+            from experiments.plan import main as plan
+
+            plan(cfg)
+            return None
         record = run(cfg)
     except (UserError, NumericalError, RecordNotWritten) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

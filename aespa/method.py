@@ -55,12 +55,12 @@ import torch
 from aespa.core.adapters import BlockAdapter
 from aespa.core.grid import Grid, minmax_grid
 from aespa.core.hessian import prepare_hessian, zero_dead_columns
-from aespa.core.method import Method, register
+from aespa.core.method import Footprint, Method, hessian_footprint, register
 from aespa.core.options import option
 from aespa.core.pipeline import BlockContext
 from aespa.core.rounding import RoundingProblem, learn_rounding
 from aespa.core.sweep import gptq_sweep
-from aespa.qparams import hessian_weighted_grid, zfold
+from aespa.qparams import CHUNK_ELEMENTS, CLIP_RATIOS, hessian_weighted_grid, zfold
 from aespa.statistics import BlockStatistics, QuadraticObjective, collect_block_statistics
 
 ATTENTION_INPUT = ("q", "k", "v")
@@ -122,6 +122,43 @@ class Aespa(Method):
         beta_end: float = option(2.0, "... decayed linearly to this at the last iteration", positive=True)
 
     # ------------------------------------------------------------------ the algorithm, per block
+
+    def footprint(self, block, windows: int, seqlen: int, batch_size: int) -> Footprint:
+        """Kept through the block: every input Hessian, the per-kv-head value Hessian, the
+        query/key covariances. Work, the largest of: the clip search (2 candidate-sized buffers of
+        at most ``CHUNK_ELEMENTS`` values, more when one candidate is larger; a per-head Hessian
+        broadcast over the candidates of a chunk), OPTQ's sweep, and rounding every linear at once
+        (14 fp32 values per weight: original and start weights, V, Adam's moments, the step's
+        buffers). Passes: the statistics and the propagation. FLOPs: the statistics (2·N·in² per
+        input, 2·N·heads·d² for the value moments and the A·X products), OPTQ's sweep, and
+        ``iters`` rounding steps of one product G ΔW H each (2·out·in², + 2·d_h·out·in for q, k)."""
+        o, g = self.options, block.geometry
+        linears = block.linears()
+        tokens, d = windows * seqlen, g.hidden_size
+        widths = [linears[grp.roles[0]].in_features for grp in block.groups]
+        state = 4 * sum(w * w for w in widths) + 4 * (g.num_heads + g.num_kv_heads) * g.head_dim ** 2
+        _, sweep_bytes, sweep_flops = hessian_footprint(block, 0)
+        candidates = 2 * len(CLIP_RATIOS)
+        search = 0
+        for role, m in linears.items():
+            size = m.in_features if self.spec.group_size == -1 else self.spec.group_size
+            chunk = min(candidates, max(1, CHUNK_ELEMENTS // (m.out_features * size)))
+            expanded = g.num_kv_heads * chunk * size * size if role == "v" and o.block_v and chunk > 1 else 0
+            search = max(search, 4 * (2 * chunk * m.out_features * size + expanded))
+        work = max(search, sweep_bytes if o.optq_init else 0)
+        flops = sum(2.0 * tokens * w * w for w in widths) + (sweep_flops if o.optq_init else 0.0)
+        if o.block_v:
+            state += 4 * g.num_kv_heads * d * d + 4 * g.num_heads * seqlen * d  # + one window's A·X
+            flops += 2.0 * tokens * g.num_heads * d * d + 2.0 * tokens * g.num_heads * seqlen * d
+        if o.learn_rounding:
+            work = max(work, 56 * sum(m.weight.numel() for m in linears.values()))
+            step = sum(2.0 * m.out_features * m.in_features ** 2 for m in linears.values())
+            step += sum(2.0 * g.head_dim * linears[r].out_features * linears[r].in_features for r in ("q", "k"))
+            flops += o.iters * step
+        knob = "block_v=false drops the value Hessian"
+        if o.learn_rounding:
+            knob = "none: learn_rounding optimises every linear of a block at once (56 bytes per weight); " + knob
+        return Footprint(state, work, 2.0, flops, attention_observed=o.block_v or o.learn_rounding, knob=knob)
 
     def quantize_block(self, ctx: BlockContext) -> None:
         o = self.options

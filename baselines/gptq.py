@@ -59,7 +59,7 @@ import torch
 from aespa.core.clip_search import QPARAM_MODES, search_grid
 from aespa.core.errors import UserError
 from aespa.core.hessian import collect_hessians, prepare_hessian, zero_dead_columns
-from aespa.core.method import Method, QuantSpec, register
+from aespa.core.method import Footprint, Method, QuantSpec, hessian_footprint, register
 from aespa.core.options import option
 from aespa.core.pipeline import BlockContext
 from aespa.core.residual import collect_residual_statistics
@@ -100,6 +100,21 @@ class GPTQ(Method):
         if o.refine_qparam and o.act_order and spec.group_size != -1 and o.qparam == "minmax" and not o.static_groups:
             raise UserError("gptq option method.refine_qparam=true cannot refine act_order's dynamic groups (not "
                             "contiguous columns); use method.static_groups=true or method.qparam=hessian")
+
+    def footprint(self, block, windows: int, seqlen: int, batch_size: int) -> Footprint:
+        """A Hessian at a time (true-sequential), the sweep's copies of one weight; a pass stopped
+        at each group's input to collect its Hessian (half a pass on average) and the
+        propagation; with ``alpha`` also the full-precision weights and a group's residual
+        statistics, both streams through the stopped passes."""
+        o = self.options
+        state, work, flops = hessian_footprint(block, windows * seqlen, sequential=o.true_sequential)
+        state += 4 * batch_size * seqlen * max(m.in_features for m in block.linears().values())  # a scaled batch
+        passes = 1 + (len(block.groups) / 2 if o.true_sequential else 1)
+        if o.alpha > 0:
+            linears = block.linears().values()
+            state += 4 * sum(m.weight.numel() for m in linears) + 4 * max(m.in_features for m in linears) ** 2
+            passes, flops = 2 * passes - 1, 2 * flops
+        return Footprint(state, work, passes, flops)
 
     def quantize_block(self, ctx: BlockContext) -> None:
         o = self.options

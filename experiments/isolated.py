@@ -3,6 +3,7 @@ benchmarks measure one configuration per process)."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import queue as queue_module
 from collections.abc import Callable
 
 from aespa.core.errors import UserError
@@ -28,7 +29,14 @@ def run_isolated(fn: Callable, *args, threads: int | None = None):
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(fn, args, threads, queue))
     proc.start()
-    status, payload = queue.get()
+    while True:  # a child that dies without reporting (killed, a crash in native code) ends the wait too
+        try:
+            status, payload = queue.get(timeout=5)
+            break
+        except queue_module.Empty:
+            if not proc.is_alive():
+                status, payload = "error", f"the worker process died (exit status {proc.exitcode})"
+                break
     proc.join()
     if status != "ok":
         raise RuntimeError(payload)

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 # keys of the resolved config that do not change a run's result ("experiment": the paper-table
 # bookkeeping of conf/experiment/*.yaml, whose effect is in the top-level keys it sets)
 NON_SEMANTIC = ("force", "progress", "logger", "results_dir", "cache_dir", "save", "save_dir", "save_format", "device",
-                "batch_size", "hydra", "resume", "checkpoint_dir", "experiment")
+                "batch_size", "hydra", "resume", "checkpoint_dir", "experiment", "plan", "plan_tflops")
 # keys that only matter when something is quantized: a full-precision run is the same run whatever they are
 QUANTIZATION_ONLY = ("method", "bits", "group_size", "sym", "act_bits", "nsamples", "seed", "calib")
 

@@ -55,6 +55,8 @@ TOP = {
     "results_dir": (str, None),
     "cache_dir": (str, None),
     "data_paths": (dict, None),
+    "plan": (bool, None),
+    "plan_tflops": ("float | None", Rule(positive=True)),
     "model": (dict, None), "method": (dict, None), "calib": (dict, None), "eval": (dict, None),
     "logger": (dict, None), "experiment": ("dict | None", None),
 }

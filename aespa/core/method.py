@@ -64,6 +64,66 @@ class QuantSpec:
         return self.act_bits >= 16
 
 
+@dataclass(frozen=True)
+class Footprint:
+    """A method's own cost for one block, as the resource plan (``experiments.plan``) counts it.
+
+    ``state_bytes``: what it keeps on the device through the block beyond the block and the
+    calibration streams (statistics, Hessians); ``work_bytes``: the transient peak of its own
+    work on top of that (a grid search's candidates, rounding or optimiser state, a sweep's
+    copies); ``passes``: forward passes of the block over the calibration set, the propagation
+    to the next block included; ``flops``: its work beyond those passes;
+    ``attention_observed``: a pass materialises the attention probabilities; ``knob``: the
+    option that lowers its memory, if any."""
+
+    state_bytes: int = 0
+    work_bytes: int = 0
+    passes: float = 1.0
+    flops: float = 0.0
+    attention_observed: bool = False
+    knob: str = ""
+
+
+def activation_bytes(block: BlockAdapter, windows: int, seqlen: int, attention_probs: bool) -> int:
+    """fp32 activations alive at the peak of one pass of ``block`` over ``windows`` windows of
+    ``seqlen`` tokens, per token the larger of the attention part (the input, q, k, v, their
+    head-major copies: 6·d) and the MLP part (input and output, 2·d, and its hidden
+    activations: 2·ff, 3·ff gated); with the probabilities materialised, also the scores and
+    probabilities (2·windows·heads·T²). Validated against measured peaks (tests/test_plan.py)."""
+    tokens = windows * seqlen
+    linears = block.linears()
+    d, ffn = block.geometry.hidden_size, linears["up"].out_features
+    size = tokens * max(6 * d, 2 * d + (3 if "gate" in linears else 2) * ffn)
+    if attention_probs:
+        size += 2 * windows * block.geometry.num_heads * seqlen * seqlen
+    return 4 * size
+
+
+def block_flops(block: BlockAdapter, windows: int, seqlen: int) -> float:
+    """FLOPs of one forward pass of ``block`` over ``windows`` windows: its linears and the
+    attention core (scores and their product with the values)."""
+    tokens = windows * seqlen
+    g = block.geometry
+    linear = sum(m.out_features * m.in_features for m in block.linears().values())
+    return 2.0 * tokens * linear + 4.0 * tokens * seqlen * g.num_heads * g.head_dim
+
+
+def hessian_footprint(block: BlockAdapter, tokens: int, sequential: bool = True) -> tuple[int, int, float]:
+    """GPTQ-style work on a block: bytes of the fp32 Hessians kept while their pass runs (the
+    largest input group's when ``sequential``, else every group's), bytes of the sweep of the
+    largest linear (five in x in matrices: the damped copy, its Cholesky factor, the inverse,
+    the inverse's Cholesky factor and a transient; three copies of the weight; measured),
+    and FLOPs: the accumulation (2·tokens·in² per group), the inverse (in³) and the sweep
+    (2·out·in²) of every linear."""
+    linears = block.linears()
+    widths = [linears[g.roles[0]].in_features for g in block.groups]
+    hessians = max(widths) ** 2 if sequential else sum(w * w for w in widths)
+    sweep = max(5 * m.in_features ** 2 + 3 * m.out_features * m.in_features for m in linears.values())
+    flops = sum(2.0 * tokens * w * w for w in widths)
+    flops += sum(m.in_features ** 3 + 2.0 * m.out_features * m.in_features ** 2 for m in linears.values())
+    return 4 * hessians, 4 * sweep, flops
+
+
 class Method:
     """Base class of every quantization method (see the module docstring)."""
 
@@ -107,6 +167,12 @@ class Method:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` returned."""
+
+    def footprint(self, block: BlockAdapter, windows: int, seqlen: int, batch_size: int) -> Footprint:
+        """The plan's estimate of this method on ``block`` with ``windows`` calibration windows
+        of ``seqlen`` tokens (:class:`Footprint`). Default: round to nearest while propagating,
+        nothing kept."""
+        return Footprint()
 
     def restore_block(self, block: BlockAdapter) -> None:
         """Re-create the structural changes ``quantize_block`` made to ``block`` before its

@@ -47,11 +47,13 @@ def run_block(module: nn.Module, x: torch.Tensor, kwargs: dict, device, dtype, b
     are stored on ``store_device`` (default: ``x``'s) in ``x``'s dtype."""
     store_device = store_device or x.device
     kw = to_device(kwargs, device, dtype)
-    outs = []
+    out = None  # filled in place: the new stream costs one copy, not a list of batches and their concatenation
     for i in range(0, x.shape[0], batch_size):
-        out = block_output(module(x[i : i + batch_size].to(device=device, dtype=dtype), **kw))
-        outs.append(out.to(device=store_device, dtype=x.dtype))
-    return torch.cat(outs)
+        y = block_output(module(x[i : i + batch_size].to(device=device, dtype=dtype), **kw))
+        if out is None:
+            out = torch.empty((x.shape[0], *y.shape[1:]), dtype=x.dtype, device=store_device)
+        out[i : i + y.shape[0]].copy_(y)
+    return out
 
 
 class _Observed(Exception):

@@ -46,14 +46,21 @@ class _Stop(Exception):
 
 
 class _Catcher(nn.Module):
-    def __init__(self, block: nn.Module):
+    """Stands in for block 0: writes the inputs of each mini-batch into one stream ``[n, T, d]``
+    (allocated at the first mini-batch, on ``store_device``) and stops the forward pass."""
+
+    def __init__(self, block: nn.Module, n: int, store_device):
         super().__init__()
-        self.block = block
-        self.inputs: list[torch.Tensor] = []
+        self.block, self.n, self.store_device = block, n, store_device
+        self.stream: torch.Tensor | None = None
+        self.filled = 0
         self.kwargs: dict | None = None
 
     def forward(self, hidden, *args, **kwargs):
-        self.inputs.append(hidden.detach())
+        if self.stream is None:
+            self.stream = torch.empty((self.n, *hidden.shape[1:]), dtype=hidden.dtype, device=self.store_device)
+        self.stream[self.filled : self.filled + hidden.shape[0]].copy_(hidden.detach())
+        self.filled += hidden.shape[0]
         if self.kwargs is None:
             self.kwargs = kwargs
         raise _Stop
@@ -80,7 +87,7 @@ def capture_inputs(adapter: ModelAdapter, ids: torch.Tensor, device, batch_size:
     outside = adapter.outside_modules()
     for m in outside:
         m.to(device)
-    catcher = _Catcher(blocks[0])
+    catcher = _Catcher(blocks[0], ids.shape[0], store_device)
     blocks[0] = catcher
     try:
         for i in range(0, ids.shape[0], batch_size):
@@ -92,8 +99,7 @@ def capture_inputs(adapter: ModelAdapter, ids: torch.Tensor, device, batch_size:
         blocks[0] = catcher.block
     first_batch = min(batch_size, ids.shape[0])
     kwargs = {k: _batch_one(v, first_batch) for k, v in (catcher.kwargs or {}).items() if k not in _DROP}
-    hidden = torch.cat([h.to(store_device) for h in catcher.inputs])
-    return hidden, kwargs
+    return catcher.stream, kwargs
 
 
 @dataclass
