@@ -20,7 +20,8 @@ so nothing is downloaded or allocated. From its shapes, the run's settings (``ns
   here, on the device the run would use; ``plan_tflops`` overrides it);
 - which GPU memory sizes hold the peak, and the knobs that lower it.
 
-The accounting, term by term (``S = nsamples·seqlen·hidden·4`` bytes, one fp32 stream):
+The accounting, term by term (``S = nsamples·seqlen·hidden`` values in the model's dtype,
+one calibration stream):
 
 - a block is quantized in three steps, each with its own peak: the method observes the block
   (a pass over the stream with its hooks: one stream, the temporaries, what the method
@@ -149,7 +150,10 @@ def make_plan(adapter: ModelAdapter, method: Method, settings: Settings, tflops:
     model_b = DTYPE_BYTES.get(st.dtype, 4)
     plan.phases["capture"] = {"modules outside the blocks": s.outside_params * model_b,
                               "stream of block 0": tokens * s.hidden * model_b}
-    q_stream, fp_streams = tokens * s.hidden * 4, (2 if method.needs_fp_stream else 0) * tokens * s.hidden * 4
+    # the streams keep the model's dtype (block 0's inputs as the embedding gives them; every block's
+    # outputs cast back to it), while each block computes in fp32
+    q_stream = tokens * s.hidden * model_b
+    fp_streams = (2 if method.needs_fp_stream else 0) * q_stream
     observed = activation_bytes(block, st.batch_size, st.seqlen, fp.attention_observed)
     plan.phases["observe a block"] = {"block in fp32": 4 * s.block_params, "calibration streams": q_stream + fp_streams,
                                       "forward temporaries": observed, "method state": fp.state_bytes}

@@ -59,10 +59,11 @@ def test_llama2_70b_terms_by_hand():
     block = 2 * 8192**2 + 2 * 8192 * 1024 + 3 * 8192 * 28672 + 2 * 8192
     assert s.block_params == block
     assert s.params == 80 * block + 2 * 32000 * 8192 + 8192  # untied embedding and head, final norm
-    stream = 128 * 2048 * 8192 * 4  # one fp32 calibration stream: 8.6 GB
+    stream = 128 * 2048 * 8192 * 2  # one calibration stream in fp16 (the model's dtype): 4.3 GB
     assert p.phases["propagate"]["calibration streams"] == 2 * stream
     assert p.phases["observe a block"]["calibration streams"] == stream
-    assert p.phases["capture"]["stream of block 0"] == stream // 2  # captured in fp16
+    assert p.phases["capture"]["stream of block 0"] == stream
+    assert p.phases["propagate"]["block in fp32"] == 4 * block
     assert p.host_bytes == 2 * s.params
     # GPTQ: the largest Hessian (the down projection's input, 28672²) and the sweep of the down projection
     assert p.phases["method's own work"]["method state"] == 4 * 28672**2 + 4 * 8 * 2048 * 28672 + \
