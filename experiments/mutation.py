@@ -3,6 +3,7 @@
     python -m experiments.mutation                      # every mutant not yet checked (resumes where it stopped)
     python -m experiments.mutation --module grid qparams   # only these modules (a substring of the module name)
     python -m experiments.mutation --survivors          # re-run the survivors only (after adding tests)
+    python -m experiments.mutation --survivors --unchecked --module qparams   # both, in one run
     python -m experiments.mutation --report             # the per-module table, no run
 
 mutmut copies ``source_paths`` into ``mutants/`` (git-ignored), writes every mutant of the files in
@@ -109,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--module", nargs="*", default=[], help="only mutants of modules containing these strings")
     parser.add_argument("--survivors", action="store_true", help="re-run the mutants that survived")
+    parser.add_argument("--unchecked", action="store_true",
+                        help="with --survivors: the mutants not checked yet too, in the same run")
     parser.add_argument("--report", action="store_true", help="print the table of the last run and exit")
     args = parser.parse_args(argv)
     if args.report:
@@ -119,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         names = [p for p in SCOPE if not args.module or any(m in p for m in args.module)]
     else:  # resume: the mutants not checked yet (or the survivors), by name
         want = {"survived", "timeout", "suspicious", "no tests"} if args.survivors else {"not checked"}
+        if args.unchecked:
+            want.add("not checked")
         names = sorted(n for n, (s, status) in results().items()
                        if status in want and (not args.module or any(m in n for m in args.module)))
         if not names:

@@ -817,3 +817,32 @@ def test_a_factor_whose_inverse_does_not_factor_is_retried():
     upper, used = inverse_cholesky_upper(h)
     assert used > 0  # not the factor of the failed attempt
     _check_factor(upper, h + used * torch.eye(6, dtype=h.dtype))
+
+
+def test_zfold_runs_at_most_thirty_rounds_by_default_and_keeps_the_weights_dtype():
+    from aespa.qparams import zfold
+
+    g = torch.Generator().manual_seed(2)  # the loss decreases at every one of 31 rounds
+    x = torch.randn(64, 8, generator=g, dtype=torch.float64)
+    h = x.T @ x / 64
+    col = torch.rand(8, generator=g, dtype=torch.float64).add(0.3)
+    weights = [torch.randn(6, 8, generator=g, dtype=torch.float64) * col,
+               torch.randn(4, 8, generator=g, dtype=torch.float64) * col]
+    assert zfold(weights, [h, 2 * h], bits=2).rounds == 30
+    none = zfold(weights, [h, 2 * h], bits=2, max_rounds=0)
+    assert none.zeta.dtype == torch.float64 and none.grids[0].col_scale.dtype == torch.float64
+
+
+def test_zfold_groups_of_post_layernorm_opt_skip_what_reads_the_residual_stream():
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    from aespa.core.attention import register_attention
+    from aespa.method import zfold_groups
+
+    cfg = OPTConfig(vocab_size=512, hidden_size=64, num_hidden_layers=1, num_attention_heads=4, ffn_dim=256,
+                    word_embed_proj_dim=64, max_position_embeddings=128, do_layer_norm_before=False)
+    cfg._attn_implementation = register_attention()
+    adapter = ModelAdapter(AutoModelForCausalLM.from_config(cfg, attn_implementation="ptq"))
+    assert adapter.family.name == "opt-postln"
+    # q/k/v and fc1 read the residual stream (nothing to fold into); o and fc2 (down) still fold
+    assert zfold_groups(adapter.block(0)) == (("o",), ("down",))
