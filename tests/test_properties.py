@@ -846,3 +846,25 @@ def test_zfold_groups_of_post_layernorm_opt_skip_what_reads_the_residual_stream(
     assert adapter.family.name == "opt-postln"
     # q/k/v and fc1 read the residual stream (nothing to fold into); o and fc2 (down) still fold
     assert zfold_groups(adapter.block(0)) == (("o",), ("down",))
+
+
+def test_find_zeta_adds_its_epsilon_and_the_symmetric_s_step_stays_symmetric():
+    from aespa.qparams import find_zeta, hessian_weighted_grid, weighted_error, zfold
+
+    w = torch.tensor([[0.3, 1e-6, -1.2], [0.7, 2e-6, 0.4]], dtype=torch.float64)
+    grid = Grid(torch.tensor([[0.5], [0.25]], dtype=torch.float64), torch.tensor([[2.0], [1.0]], dtype=torch.float64),
+                2)
+    values = grid.fake_quantize(w)
+    expected = (values * w).sum(0) / ((values * values).sum(0) + 1e-10)  # fp64: the epsilon shows
+    expected = torch.where(expected == 0, torch.ones_like(expected), expected)
+    assert torch.equal(find_zeta([w], [grid], torch.ones(3, dtype=torch.float64)), expected)
+    # one symmetric Z-Fold round: the ζ-step on the symmetric min-max grids, then the symmetric search
+    g = torch.Generator().manual_seed(5)
+    weights = [torch.randn(4, 8, generator=g, dtype=torch.float64)]
+    x = torch.randn(32, 8, generator=g, dtype=torch.float64)
+    h = x.T @ x / 32
+    seen = []
+    zfold(weights, [h], bits=2, sym=True, max_rounds=1, on_round=lambda i, loss: seen.append(loss))
+    zeta = find_zeta(weights, [minmax_grid(weights[0], 2, True)], torch.ones(8, dtype=torch.float64))
+    grid = hessian_weighted_grid(weights[0], h, 2, True, -1, zeta)
+    assert seen == [weighted_error(weights[0], grid, h).item()]

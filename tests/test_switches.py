@@ -395,6 +395,12 @@ class ProgressRecorder:
             def close(self, summary=True):
                 task["closed"].append(summary)
 
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.close()
+
         return Task()
 
 
@@ -432,3 +438,31 @@ def test_quantization_parameters_fold_groups_and_the_rest(sym, group_size, round
         assert same_grid(grids[r], hessian_weighted_grid(weights[r], objectives[r].hessian, 2, sym, group_size)), r
     quiet = method.quantization_parameters(block, original, weights, objectives)  # no progress: the same grids
     assert all(same_grid(quiet[r], grids[r]) for r in grids)
+
+
+def test_aespa_block_opens_its_progress_tasks(monkeypatch):
+    recorder, notes = ProgressRecorder(), []
+    monkeypatch.setattr(BlockContext, "progress", lambda self, phase, layer="", total=None: recorder(phase, layer, total))
+    monkeypatch.setattr(BlockContext, "note", lambda self, text, block=None: notes.append(text))
+    run("opt", monkeypatch)
+    groups = aespa_method.zfold_groups(ModelAdapter(random_model("opt", layers=1)).block(0))
+    roles = ["q", "k", "v", "o", "up", "down"]
+    assert [t["args"] for t in recorder.tasks] == [("qparams", " ".join(g), 2) for g in groups] + \
+        [("rounding", " ".join(roles), 7)]
+    assert recorder.tasks[-1]["logs"] == [f"{r}: loss 0 at the start, 0 rounded" for r in roles]
+    assert notes == []  # every Cholesky factor at the damping asked for
+
+
+@pytest.mark.parametrize("damping,noted", [(0.01, False), (0.01 * (1 + 1e-6), False), (0.01 * (1 + 2e-6), True),
+                                           (0.015, True)])
+def test_aespa_notes_a_raised_damping_of_its_sweeps(monkeypatch, damping, noted):
+    import dataclasses
+
+    notes = []
+    monkeypatch.setattr(BlockContext, "note", lambda self, text, block=None: notes.append(text))
+    real = gptq_sweep
+    monkeypatch.setitem(globals(), "gptq_sweep", lambda *a, **kw: dataclasses.replace(real(*a, **kw), damping=damping))
+    run("opt", monkeypatch)
+    expected = [f"aespa {r}: Cholesky failed at percdamp=0.01; used {damping:g}" for r in ("q", "k", "v", "o", "up",
+                                                                                             "down")]
+    assert notes == (expected if noted else [])
