@@ -444,12 +444,14 @@ def test_aespa_block_opens_its_progress_tasks(monkeypatch):
     recorder, notes = ProgressRecorder(), []
     monkeypatch.setattr(BlockContext, "progress", lambda self, phase, layer="", total=None: recorder(phase, layer, total))
     monkeypatch.setattr(BlockContext, "note", lambda self, text, block=None: notes.append(text))
-    run("opt", monkeypatch)
+    seen = run("opt", monkeypatch)
     groups = aespa_method.zfold_groups(ModelAdapter(random_model("opt", layers=1)).block(0))
     roles = ["q", "k", "v", "o", "up", "down"]
     assert [t["args"] for t in recorder.tasks] == [("qparams", " ".join(g), 2) for g in groups] + \
         [("rounding", " ".join(roles), 7)]
     assert recorder.tasks[-1]["logs"] == [f"{r}: loss 0 at the start, 0 rounded" for r in roles]
+    seen["rounding"]["on_step"](3, 0.5)  # rounding's steps move the rounding task
+    assert recorder.tasks[-1]["steps"] == [(3, 0.5)]
     assert notes == []  # every Cholesky factor at the damping asked for
 
 
