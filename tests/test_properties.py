@@ -868,3 +868,29 @@ def test_find_zeta_adds_its_epsilon_and_the_symmetric_s_step_stays_symmetric():
     zeta = find_zeta(weights, [minmax_grid(weights[0], 2, True)], torch.ones(8, dtype=torch.float64))
     grid = hessian_weighted_grid(weights[0], h, 2, True, -1, zeta)
     assert seen == [weighted_error(weights[0], grid, h).item()]
+
+
+def test_a_local_folder_laid_out_like_the_hub_keys_each_split_by_its_own_file(tmp_path):
+    source = data.HUB_SOURCES[data.hub_source("wikitext2")]
+    for split, content in (("train", "train rows"), ("test", "test rows")):
+        file = tmp_path / source.files[split]
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_text(content)
+    paths = {"wikitext2": str(tmp_path)}
+    for split in ("train", "test"):
+        assert data._origin("wikitext2", split, paths) == {
+            "paths": str(tmp_path), "files": data.files_fingerprint([str(tmp_path / source.files[split])])}
+
+
+def test_tokenizer_fingerprint_holds_the_special_tokens_and_the_class():
+    class Bare:  # no backend_tokenizer attribute at all: the vocabulary is hashed
+        bos_token, eos_token = "<s>", "</s>"
+
+        def get_vocab(self):
+            return {"a": 0, "b": 1}
+
+    plain = data.tokenizer_fingerprint(FakeTokenizer())
+    assert data.tokenizer_fingerprint(FakeTokenizer(bos="<bos>")) != plain
+    assert data.tokenizer_fingerprint(FakeTokenizer(eos="<eos>")) != plain
+    assert data.tokenizer_fingerprint(CharTokenizer()) != plain  # the same vocabulary, another class
+    assert data.tokenizer_fingerprint(Bare()) not in (plain, None)
