@@ -714,6 +714,12 @@ def test_hessian_weighted_grid_defaults_and_chunks(monkeypatch):
     grid = qparams.hessian_weighted_grid(w, h, 3)
     assert grid.col_scale is None and grid.group_size == -1 and grid.scale.dtype == torch.float32
     assert torch.equal(grid.zero, grid.zero.round()) and not (grid.zero == 4).all()  # asymmetric by default
+    # 3 bits: 2^3 - 1 = 7 steps (exactly the reference, in fp64)
+    w64, h64 = w.double(), h.double()
+    scale, zero = _reference_search(w64, h64, 3, False, -1, torch.ones(8, dtype=torch.float64))
+    grid64 = qparams.hessian_weighted_grid(w64, h64, 3)
+    assert torch.equal(grid64.zero, zero) and grid64.zero.max() > 3
+    torch.testing.assert_close(grid64.scale, scale, rtol=1e-12, atol=0)
     monkeypatch.setattr(qparams, "CHUNK_ELEMENTS", 3 * 5 * 8)  # three candidates at a time: the same grid
     chunked = qparams.hessian_weighted_grid(w, h, 3)
     assert torch.equal(chunked.scale, grid.scale) and torch.equal(chunked.zero, grid.zero)
