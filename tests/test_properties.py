@@ -582,6 +582,8 @@ def test_inverse_cholesky_upper_batched_is_matrix_by_matrix():
     assert torch.equal(upper[1, 0], upper[0, 1]) and torch.equal(upper[1, 1], upper[0, 0])
     three = inverse_cholesky_upper(torch.stack([good, retried]))
     assert three[1] == used and torch.equal(three[0][1], upper[0, 1])
+    late = _diag([1.0] * 9 + [-2.0])  # factors at the fifth attempt only
+    assert inverse_cholesky_upper(torch.stack([late, late]), tries=5)[1] == 1e-3 * 0.7 * 10**4  # tries reach each
 
 
 def _one_block_context(nan=False):
