@@ -902,3 +902,16 @@ def test_tokenizer_fingerprint_holds_the_special_tokens_and_the_class():
     assert data.tokenizer_fingerprint(FakeTokenizer(eos="<eos>")) != plain
     assert data.tokenizer_fingerprint(CharTokenizer()) != plain  # the same vocabulary, another class
     assert data.tokenizer_fingerprint(Bare()) not in (plain, None)
+
+
+def test_grid_to_a_device_moves_every_tensor_and_keeps_the_rest():
+    grid = Grid(torch.tensor([[0.5, 0.25]]), torch.tensor([[1.0, 2.0]]), 3, 4, torch.tensor([1.0, 2.0, 3.0, 4.0,
+                                                                                           5.0, 6.0, 7.0, 8.0]))
+    moved = grid.to("meta")
+    assert (moved.scale.device.type, moved.zero.device.type, moved.col_scale.device.type) == ("meta",) * 3
+    assert moved.bits == 3 and moved.group_size == 4 and moved.scale.shape == (1, 2)
+    back = grid.to("cpu")
+    assert torch.equal(back.scale, grid.scale) and torch.equal(back.zero, grid.zero)
+    assert torch.equal(back.col_scale, grid.col_scale)
+    plain = Grid(grid.scale, grid.zero, 3, 4).to("meta")
+    assert plain.col_scale is None and plain.zero.device.type == "meta"
