@@ -83,7 +83,7 @@ from aespa.core.errors import UserError
 from aespa.core.grid import Grid
 from aespa.core.hessian import add_damping, prepare_hessian, zero_dead_columns
 from aespa.core.kronecker import kronecker_sweep
-from aespa.core.method import Method, QuantSpec, register
+from aespa.core.method import Footprint, Method, QuantSpec, hessian_footprint, register
 from aespa.core.options import option
 from aespa.core.pipeline import BlockContext
 from aespa.core.residual import collect_residual_statistics
@@ -137,6 +137,26 @@ class BoA(Method):
         if self.options.n_quant_rows > head_dim:
             raise UserError(f"{self.name} option method.n_quant_rows={self.options.n_quant_rows} is above the head "
                             f"dimension of this model; use 1..{head_dim}")
+
+    def footprint(self, block, windows: int, seqlen: int, batch_size: int) -> Footprint:
+        """The plan's estimate: the block's statistics as aespa keeps them (every input Hessian, the
+        value Hessian per kv-head with ``block_v``, the head covariances), the column/row sweep of
+        the largest linear as GPTQ's; the statistics pass and the propagation (and, with
+        ``consider_dx``, both streams through the residual statistics)."""
+        o, g = self.options, block.geometry
+        linears = block.linears()
+        widths = [linears[grp.roles[0]].in_features for grp in block.groups]
+        tokens, d = windows * seqlen, g.hidden_size
+        state = 4 * sum(w * w for w in widths) + 4 * (g.num_heads + g.num_kv_heads) * g.head_dim ** 2
+        _, work, flops = hessian_footprint(block, tokens)
+        if o.block_v:
+            state += 4 * g.num_kv_heads * d * d + 4 * g.num_heads * seqlen * d
+            flops += 2.0 * tokens * g.num_heads * d * d
+        passes = 2.0
+        if o.consider_dx:
+            state += 4 * sum(w * w for w in widths) + 4 * sum(m.weight.numel() for m in linears.values())
+            passes += 1.0
+        return Footprint(state, work, passes, flops, attention_observed=True)
 
     # ------------------------------------------------------------------ the algorithm, per block
 

@@ -57,7 +57,7 @@ import torch
 from torch.func import functional_call
 
 from aespa.core.grid import Grid, check_group_size, grid_from_range, minmax_grid, minmax_range
-from aespa.core.method import Method, register
+from aespa.core.method import Footprint, Method, activation_bytes, block_flops, register
 from aespa.core.observe import block_output
 from aespa.core.options import option
 from aespa.core.pipeline import BlockContext
@@ -145,6 +145,18 @@ class BRECQ(Method):
         if self.options.scale_method == "max":
             return minmax_grid(w, self.spec.bits, self.spec.sym, self.spec.group_size)
         return lp_search_grid(w, self.spec.bits, self.spec.sym, self.spec.group_size)
+
+    def footprint(self, block, windows: int, seqlen: int, batch_size: int) -> Footprint:
+        """The plan's estimate: per step, a forward and a backward pass of the block over
+        ``windows_per_step`` windows (the activations autograd keeps, and their gradients, with
+        the attention probabilities), and five fp32 values per weight (original, V, its gradient,
+        Adam's two moments); ``iters`` steps of three passes' FLOPs each."""
+        o = self.options
+        per_step = min(o.windows_per_step, windows)
+        weights = sum(m.weight.numel() for m in block.linears().values())
+        work = 2 * activation_bytes(block, per_step, seqlen, True) + 20 * weights
+        flops = 3.0 * o.iters * block_flops(block, per_step, seqlen)
+        return Footprint(0, work, 2.0, flops, knob="method.windows_per_step (the activations of a step)")
 
     def quantize_block(self, ctx: BlockContext) -> None:
         linears = ctx.block.linears()

@@ -58,7 +58,7 @@ from torch.func import functional_call
 from aespa.core.actquant import install_activation_quantizers
 from aespa.core.errors import UserError
 from aespa.core.grid import Grid, round_ste
-from aespa.core.method import Method, register
+from aespa.core.method import Footprint, Method, activation_bytes, block_flops, register
 from aespa.core.observe import block_output
 from aespa.core.options import option
 from aespa.core.pipeline import BlockContext
@@ -185,6 +185,16 @@ class OmniQuant(Method):
         if not (self.lwc or use_let) and self.epochs > 0:
             raise UserError("omniquant with lwc=false and no LET has nothing to train; enable lwc or let, "
                             "or set epochs=0")
+
+    def footprint(self, block, windows: int, seqlen: int, batch_size: int) -> Footprint:
+        """The plan's estimate: training one window at a time (batch 1) through the block, the
+        activations autograd keeps and their gradients, two fp32 copies of the weights (the frozen
+        originals and the transformed ones of a step); ``epochs`` passes over the calibration
+        set, three passes' FLOPs each, plus the propagation of both streams."""
+        weights = sum(m.weight.numel() for m in block.linears().values())
+        work = 2 * activation_bytes(block, 1, seqlen, True) + 8 * weights
+        flops = 3.0 * self.epochs * block_flops(block, windows, seqlen)
+        return Footprint(0, work, 2.0, flops)
 
     # ------------------------------------------------------------------ the algorithm
 
