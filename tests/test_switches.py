@@ -293,7 +293,8 @@ def gptq_block(monkeypatch, options, damping=None):
     ids = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(0))
     inputs, kwargs = capture_inputs(adapter, ids, "cpu", batch_size=2)
     block = adapter.block(0)
-    ctx = BlockContext([block], inputs, kwargs, torch.device("cpu"), torch.float32, batch_size=2, fp_inputs=inputs + 0.01)
+    ctx = BlockContext([block], inputs, kwargs, torch.device("cpu"), torch.float32, batch_size=2,
+                       fp_inputs=inputs + 0.01 * torch.randn(inputs.shape, generator=torch.Generator().manual_seed(1)))
     seen = {"hessians": [], "residuals": [], "linears": [], "notes": []}
     original = {f"{block.family.linears[r]}.weight": lin.weight.detach().clone() for r, lin in block.linears().items()}
 
@@ -339,6 +340,7 @@ def test_gptq_alpha_scales_the_residual_term(monkeypatch):
     assert plain["residuals"] == [] and all(c["residual"] is None for c in plain["linears"])
     assert plain["ctx"].fp_inputs is not None  # the stream is there: alpha alone decides
     gptaq = gptq_block(monkeypatch, {"alpha": 0.25})
+    assert "residual" in gptaq["ctx"].phases and "residual" not in plain["ctx"].phases  # its own timed phase
     roles = list(gptaq["block"].linears())
     assert [r for r, _ in gptaq["residuals"]] == [g.roles for g in gptaq["block"].groups]
     fp = gptaq["residuals"][0][1]["fp_params"]
@@ -351,10 +353,12 @@ def test_gptq_alpha_scales_the_residual_term(monkeypatch):
 
     ctx.block.module.load_state_dict({**ctx.block.module.state_dict(), **gptaq["original"]})
     stats = collect_residual_statistics(ctx, ("q", "k", "v"), fp_params=gptaq["original"])
-    torch.testing.assert_close(gptaq["linears"][0]["residual"], 0.25 * 16 * stats.inputs["q"])
+    assert stats.inputs["q"].abs().max() > 1e-4  # (a shift of the whole stream would vanish in the norm)
+    torch.testing.assert_close(gptaq["linears"][0]["residual"], 0.25 * 16 * stats.inputs["q"], rtol=1e-4, atol=1e-9)
 
 
-@pytest.mark.parametrize("damping,note", [(0.01, None), (0.01 * (1 + 1e-7), None), (0.1, "used 0.1"),
+@pytest.mark.parametrize("damping,note", [(0.01, None), (0.01 * (1 + 1e-7), None), (0.01 * (1 + 1e-6), None),
+                                          (0.01 * (1 + 2e-6), "used 0.01"), (0.1, "used 0.1"),
                                           (float("inf"), "used inf (rounded to nearest)")])
 def test_gptq_notes_a_raised_damping(monkeypatch, damping, note):
     seen = gptq_block(monkeypatch, {}, damping=damping)
@@ -468,3 +472,40 @@ def test_aespa_notes_a_raised_damping_of_its_sweeps(monkeypatch, damping, noted)
     expected = [f"aespa {r}: Cholesky failed at percdamp=0.01; used {damping:g}" for r in ("q", "k", "v", "o", "up",
                                                                                              "down")]
     assert notes == (expected if noted else [])
+
+
+def test_gptq_linear_hands_every_option_to_its_grid_search_and_sweep():
+    from aespa.core.clip_search import search_grid
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 32, generator=g)
+    x = torch.randn(64, 32, generator=g)
+    h = 2 * x.T @ x / 64
+    h[:, 3] = h[3, :] = 0  # a dead input channel
+    residual = 0.05 * torch.randn(32, 32, generator=g)
+    options = {"act_order": True, "static_groups": True, "blocksize": 8, "percdamp": 0.02}
+    sweep_kw = {"blocksize": 8, "percdamp": 0.02, "act_order": True, "static_groups": True}
+
+    def quantize(spec, opts, weight=w, hessian=h, r=residual):
+        return get_method("gptq")(spec, opts).quantize_linear(weight, hessian, r)
+
+    spec = QuantSpec(bits=3, sym=True, group_size=16)
+    # the grid search (stage 1) on the damped Hessian and the dead-zeroed weight, then the sweep
+    H, dead = prepare_hessian(h, 0.02)
+    grid = search_grid(zero_dead_columns(w, dead), 3, True, 16, mode="mse", hessian=H)
+    result = quantize(spec, {**options, "qparam": "mse"})
+    expected = gptq_sweep(w, h, grid, bits=3, sym=True, group_size=16, residual=residual, **sweep_kw)
+    assert torch.equal(result.weight_q, expected.weight_q) and same_grid(result.grid, expected.grid)
+    assert not same_grid(grid, search_grid(zero_dead_columns(w, dead), 3, True, 16, mode="hessian", hessian=H))
+    assert not same_grid(grid, search_grid(zero_dead_columns(w, dead), 3, False, 16, mode="mse", hessian=H))
+    # the reference's grids: every sweep option reaches the sweep
+    plain = quantize(spec, options)
+    assert torch.equal(plain.weight_q, gptq_sweep(w, h, None, bits=3, sym=True, group_size=16, residual=residual,
+                                                  **sweep_kw).weight_q)
+    for change in ({"sym": False}, {"act_order": False}, {"static_groups": False}, {"residual": None}):
+        kw = {**sweep_kw, "sym": True, "residual": residual, **change}
+        assert not torch.equal(plain.weight_q, gptq_sweep(w, h, None, bits=3, group_size=16, **kw).weight_q), change
+    # the search runs in the weight's dtype
+    assert quantize(spec, {"qparam": "hessian"}).grid.scale.dtype == torch.float32
+    assert quantize(spec, {"qparam": "hessian"}, w.double(), h.double(), residual.double()).grid.scale.dtype == \
+        torch.float64
