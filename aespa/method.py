@@ -126,8 +126,8 @@ class Aespa(Method):
     def footprint(self, block, windows: int, seqlen: int, batch_size: int) -> Footprint:
         """Kept through the block: every input Hessian, the per-kv-head value Hessian, the
         query/key covariances. Work, the largest of: the clip search (2 candidate-sized buffers of
-        at most ``CHUNK_ELEMENTS`` values, more when one candidate is larger; a per-head Hessian
-        broadcast over the candidates of a chunk), OPTQ's sweep, and rounding every linear at once
+        at most ``CHUNK_ELEMENTS`` values, more when one candidate is larger; 3 with the per-head
+        value Hessian), OPTQ's sweep, and rounding every linear at once
         (14 fp32 values per weight: original and start weights, V, Adam's moments, the step's
         buffers). Passes: the statistics and the propagation. FLOPs: the statistics (2·N·in² per
         input, 2·N·heads·d² for the value moments and the A·X products), OPTQ's sweep, and
@@ -143,8 +143,8 @@ class Aespa(Method):
         for role, m in linears.items():
             size = m.in_features if self.spec.group_size == -1 else self.spec.group_size
             chunk = min(candidates, max(1, CHUNK_ELEMENTS // (m.out_features * size)))
-            expanded = g.num_kv_heads * chunk * size * size if role == "v" and o.block_v and chunk > 1 else 0
-            search = max(search, 4 * (2 * chunk * m.out_features * size + expanded))
+            buffers = 3 if role == "v" and o.block_v else 2  # per-head Hessian: a head-major copy too
+            search = max(search, 4 * buffers * chunk * m.out_features * size)
         work = max(search, sweep_bytes if o.optq_init else 0)
         flops = sum(2.0 * tokens * w * w for w in widths) + (sweep_flops if o.optq_init else 0.0)
         if o.block_v:

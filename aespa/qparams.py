@@ -116,8 +116,13 @@ def _candidate_scores(w, zeta, steps, zeros, maxq, hessian, h_gg, cross):
     # [c, out, cols] passes are memory-bound and cost more than the product with H below
     d = torch.div(w, step)
     d.add_(zero).round_().clamp_(0, maxq).sub_(zero).mul_(step).sub_(w).mul_(zeta)
-    d_h = d.reshape(d.shape[0], *_by_head(w, hessian).shape)
-    score = (d_h @ h_gg).mul_(d_h).sum(-1).reshape(d.shape[0], -1)
+    c, heads, cols = d.shape[0], h_gg.shape[0], d.shape[-1]
+    if heads == 1:
+        d_h = d.reshape(c, 1, -1, cols)
+        score = (d_h @ h_gg).mul_(d_h).sum(-1).reshape(c, -1)
+    else:  # head-major [heads, c·rows, cols]: one product per head, H not broadcast over the candidates
+        d_h = d.reshape(c, heads, -1, cols).transpose(0, 1).reshape(heads, -1, cols)
+        score = torch.bmm(d_h, h_gg).mul_(d_h).sum(-1).reshape(heads, c, -1).transpose(0, 1).reshape(c, -1)
     if cross is not None:
         score = score + 2 * (d * cross).sum(-1)
     return score

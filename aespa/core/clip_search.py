@@ -91,5 +91,10 @@ def _scores(w: torch.Tensor, steps: torch.Tensor, zeros: torch.Tensor, maxq: int
     error.round_().add_(zero).clamp_(0, maxq).sub_(zero).mul_(step).sub_(w)
     if h_gg is None:
         return error.abs_().pow_(MSE_NORM).sum(-1)
-    by_head = error.reshape(error.shape[0], h_gg.shape[0], -1, error.shape[-1])
-    return ((by_head @ h_gg) * by_head).sum(-1).reshape(error.shape[0], -1)
+    c, heads, cols = error.shape[0], h_gg.shape[0], error.shape[-1]
+    if heads == 1:
+        by_head = error.reshape(c, 1, -1, cols)
+        return ((by_head @ h_gg) * by_head).sum(-1).reshape(c, -1)
+    # head-major [heads, c·rows, cols]: one product per head, H not broadcast over the candidates
+    by_head = error.reshape(c, heads, -1, cols).transpose(0, 1).reshape(heads, -1, cols)
+    return (torch.bmm(by_head, h_gg) * by_head).sum(-1).reshape(heads, c, -1).transpose(0, 1).reshape(c, -1)
