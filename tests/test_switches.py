@@ -509,3 +509,48 @@ def test_gptq_linear_hands_every_option_to_its_grid_search_and_sweep():
     assert quantize(spec, {"qparam": "hessian"}).grid.scale.dtype == torch.float32
     assert quantize(spec, {"qparam": "hessian"}, w.double(), h.double(), residual.double()).grid.scale.dtype == \
         torch.float64
+
+
+def test_gptq_refinement_gets_the_damped_hessian_and_the_dead_zeroed_residual():
+    from aespa.core.scale_refine import refine_grid
+
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(8, 32, generator=g)
+    x = torch.randn(64, 32, generator=g)
+    h = 2 * x.T @ x / 64
+    h[:, 3] = h[3, :] = 0
+    residual = 0.05 * torch.randn(32, 32, generator=g)
+    spec = QuantSpec(bits=3, group_size=16)
+    result = get_method("gptq")(spec, {"refine_qparam": True, "n_iters": 2}).quantize_linear(w, h, residual)
+    H, dead = prepare_hessian(h, 0.01)
+    sweep = gptq_sweep(w, h, None, bits=3, group_size=16, residual=residual)
+    weight, grid = refine_grid(zero_dead_columns(w, dead), sweep.weight_q, sweep.grid, H, iters=2,
+                               residual=zero_dead_columns(residual, dead))
+    assert torch.equal(result.weight_q, weight) and same_grid(result.grid, grid)
+    for other in ({"residual": None}, {"iters": 1}):
+        kw = {"iters": 2, "residual": zero_dead_columns(residual, dead), **other}
+        assert not torch.equal(weight, refine_grid(zero_dead_columns(w, dead), sweep.weight_q, sweep.grid, H,
+                                                   **kw)[0]), other
+    # no refinement sweeps: the sweep's own grid and weights
+    none = get_method("gptq")(spec, {"refine_qparam": True, "n_iters": 0}).quantize_linear(w, h, residual)
+    assert torch.equal(none.weight_q, sweep.weight_q) and same_grid(none.grid, sweep.grid)
+
+
+def test_gptq_refuses_what_it_cannot_refine_and_asks_for_the_fp_stream_only_with_alpha():
+    from aespa.core.errors import UserError
+
+    gptq = get_method("gptq")
+    with pytest.raises(UserError, match=r"^gptq option method\.refine_qparam=true needs integer weights to refine; "
+                                        r"use bits 2\.\.8 or method\.refine_qparam=false$"):
+        gptq(QuantSpec(bits=16), {"refine_qparam": True})
+    message = (r"^gptq option method\.refine_qparam=true cannot refine act_order's dynamic groups \(not contiguous "
+               r"columns\); use method\.static_groups=true or method\.qparam=hessian$")
+    dynamic = {"refine_qparam": True, "act_order": True}
+    with pytest.raises(UserError, match=message):
+        gptq(QuantSpec(bits=3, group_size=16), dynamic)
+    gptq(QuantSpec(bits=15), {"refine_qparam": True})
+    gptq(QuantSpec(bits=3), dynamic)  # per channel: nothing dynamic
+    gptq(QuantSpec(bits=3, group_size=16), {**dynamic, "static_groups": True})
+    gptq(QuantSpec(bits=3, group_size=16), {**dynamic, "qparam": "hessian"})
+    assert gptq(QuantSpec(bits=3), {}).needs_fp_stream is False
+    assert gptq(QuantSpec(bits=3), {"alpha": 0.5}).needs_fp_stream is True
