@@ -1,7 +1,10 @@
 """Resume with the grids that test_resume.py's one-configuration-per-method sweep does not reach:
 aespa per channel on OPT (ζ on q/k/v, o and fc2) and Z-FOLD with group grids on LLaMA, each stopped
 after block 1 and resumed: the weights, every grid field (ζ included), the phases and the notes
-equal the uninterrupted run's bit for bit."""
+equal the uninterrupted run's bit for bit. And what a save writes: the block just done and any
+block file missing, never an older one again."""
+import os
+
 import pytest
 import torch
 
@@ -48,3 +51,30 @@ def test_removing_a_missing_checkpoint_is_not_an_error(tmp_path):
     checkpoint = BlockCheckpoint(str(tmp_path), "never-written")
     checkpoint.remove()
     assert checkpoint.progress() is None and not (tmp_path / "never-written").exists()
+
+
+def test_save_writes_the_last_block_and_any_missing_one(tmp_path):
+    from conftest import random_model
+
+    from aespa.core.adapters import ModelAdapter
+    from aespa.core.method import get_method
+    from aespa.core.pipeline import QuantizeResult
+
+    adapter = ModelAdapter(random_model("opt", layers=3))
+    method = get_method("rtn")(QuantSpec(bits=3))
+    checkpoint = BlockCheckpoint(str(tmp_path), "run")
+    state = {"next_block": 2, "result": QuantizeResult({}, {}, [], 0.0), "q_in": torch.zeros(1, 2, 64), "fp_in": None,
+             "kwargs": {}}
+
+    def saved_weight(i):
+        return torch.load(checkpoint.block_path(i), weights_only=True)["weights"]["fc1.weight"]
+
+    checkpoint.save(adapter, method, state)  # block 0's file is missing too: both are written
+    first = [adapter.block(i).module.fc1.weight.detach().clone() for i in range(2)]
+    assert all(torch.equal(saved_weight(i), first[i]) for i in range(2))
+    assert not os.path.exists(checkpoint.block_path(2))
+    for i in range(2):
+        adapter.block(i).module.fc1.weight.data += 1.0
+    checkpoint.save(adapter, method, state)  # block 1 (the last done) is written again, block 0 is kept
+    assert torch.equal(saved_weight(0), first[0])
+    assert torch.equal(saved_weight(1), adapter.block(1).module.fc1.weight)
