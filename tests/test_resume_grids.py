@@ -78,3 +78,27 @@ def test_save_writes_the_last_block_and_any_missing_one(tmp_path):
     checkpoint.save(adapter, method, state)  # block 1 (the last done) is written again, block 0 is kept
     assert torch.equal(saved_weight(0), first[0])
     assert torch.equal(saved_weight(1), adapter.block(1).module.fc1.weight)
+    assert torch.load(checkpoint.path, weights_only=True)["elapsed_s"] == 0.0  # no time recorded: 0
+
+
+@pytest.mark.parametrize("which", ["state", "block"])
+def test_a_checkpoint_never_unpickles_arbitrary_objects(tmp_path, which):
+    """Loaded with weights_only: a file holding any other object is not read (the run starts over)."""
+    import datetime
+
+    from conftest import random_model
+
+    from aespa.core.adapters import ModelAdapter
+    from aespa.core.method import get_method
+    from aespa.core.pipeline import QuantizeResult
+
+    adapter = ModelAdapter(random_model("opt", layers=2))
+    method = get_method("rtn")(QuantSpec(bits=3))
+    checkpoint = BlockCheckpoint(str(tmp_path), "run")
+    checkpoint.save(adapter, method, {"next_block": 1, "result": QuantizeResult(), "q_in": torch.zeros(1, 2, 64),
+                                      "fp_in": None, "kwargs": {}})
+    assert checkpoint.load(adapter, method) is not None
+    path = checkpoint.path if which == "state" else checkpoint.block_path(0)
+    payload = torch.load(path, weights_only=True)
+    torch.save({**payload, "extra": datetime.date(2020, 1, 1)}, path)
+    assert checkpoint.load(adapter, method) is None
