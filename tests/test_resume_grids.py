@@ -82,7 +82,7 @@ def test_save_writes_the_last_block_and_any_missing_one(tmp_path):
 
 
 @pytest.mark.parametrize("which", ["state", "block"])
-def test_a_checkpoint_never_unpickles_arbitrary_objects(tmp_path, which):
+def test_a_checkpoint_never_unpickles_arbitrary_objects(tmp_path, which, caplog):
     """Loaded with weights_only: a file holding any other object is not read (the run starts over)."""
     import datetime
 
@@ -97,8 +97,11 @@ def test_a_checkpoint_never_unpickles_arbitrary_objects(tmp_path, which):
     checkpoint = BlockCheckpoint(str(tmp_path), "run")
     checkpoint.save(adapter, method, {"next_block": 1, "result": QuantizeResult(), "q_in": torch.zeros(1, 2, 64),
                                       "fp_in": None, "kwargs": {}})
-    assert checkpoint.load(adapter, method) is not None
+    assert checkpoint.load(adapter, method)["q_in"].device.type == "cpu"  # the model's device by default
+    assert checkpoint.load(adapter, method, device="meta")["q_in"].device.type == "meta"
     path = checkpoint.path if which == "state" else checkpoint.block_path(0)
     payload = torch.load(path, weights_only=True)
     torch.save({**payload, "extra": datetime.date(2020, 1, 1)}, path)
     assert checkpoint.load(adapter, method) is None
+    assert f"cannot read the checkpoint in {checkpoint.folder} (UnpicklingError: " in caplog.text
+    assert caplog.text.rstrip().endswith("starting over")
