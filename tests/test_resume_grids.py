@@ -105,3 +105,23 @@ def test_a_checkpoint_never_unpickles_arbitrary_objects(tmp_path, which, caplog)
     assert checkpoint.load(adapter, method) is None
     assert f"cannot read the checkpoint in {checkpoint.folder} (UnpicklingError: " in caplog.text
     assert caplog.text.rstrip().endswith("starting over")
+
+
+def test_a_checkpoint_saved_with_cuda_generators_resumes_on_the_cpu(tmp_path):
+    from conftest import random_model
+
+    from aespa.core.adapters import ModelAdapter
+    from aespa.core.method import get_method
+    from aespa.core.pipeline import QuantizeResult
+
+    if torch.cuda.is_available():
+        pytest.skip("a machine without CUDA is the case")
+    adapter = ModelAdapter(random_model("opt", layers=2))
+    method = get_method("rtn")(QuantSpec(bits=3))
+    checkpoint = BlockCheckpoint(str(tmp_path), "run")
+    checkpoint.save(adapter, method, {"next_block": 1, "result": QuantizeResult(), "q_in": torch.zeros(1, 2, 64),
+                                      "fp_in": None, "kwargs": {}})
+    payload = torch.load(checkpoint.path, weights_only=True)
+    payload["rng"]["cuda"] = [torch.get_rng_state()]  # as a GPU machine saves it
+    torch.save(payload, checkpoint.path)
+    assert checkpoint.load(adapter, method)["next_block"] == 1  # the CUDA states are left alone
