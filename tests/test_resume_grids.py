@@ -125,3 +125,25 @@ def test_a_checkpoint_saved_with_cuda_generators_resumes_on_the_cpu(tmp_path):
     payload["rng"]["cuda"] = [torch.get_rng_state()]  # as a GPU machine saves it
     torch.save(payload, checkpoint.path)
     assert checkpoint.load(adapter, method)["next_block"] == 1  # the CUDA states are left alone
+
+
+def test_a_checkpoint_loads_every_stream_onto_the_device_asked_for(tmp_path):
+    from conftest import random_model
+
+    from aespa.core.adapters import ModelAdapter
+    from aespa.core.method import get_method
+    from aespa.core.pipeline import QuantizeResult
+
+    adapter = ModelAdapter(random_model("opt", layers=2))
+    method = get_method("rtn")(QuantSpec(bits=3))
+    checkpoint = BlockCheckpoint(str(tmp_path), "run")
+    checkpoint.save(adapter, method, {"next_block": 1, "result": QuantizeResult(), "q_in": torch.zeros(1, 2, 64),
+                                      "fp_in": torch.ones(1, 2, 64), "kwargs": {"mask": torch.ones(1, 2)},
+                                      "elapsed_s": 4.5})
+    state = checkpoint.load(adapter, method, device="meta")
+    assert [t.device.type for t in (state["q_in"], state["fp_in"], state["kwargs"]["mask"])] == ["meta"] * 3
+    assert state["result"].earlier_s == 4.5
+    payload = torch.load(checkpoint.path, weights_only=True)
+    del payload["elapsed_s"]  # a checkpoint written before the time was kept
+    torch.save(payload, checkpoint.path)
+    assert checkpoint.load(adapter, method)["result"].earlier_s == 0.0
