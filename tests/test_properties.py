@@ -915,3 +915,14 @@ def test_grid_to_a_device_moves_every_tensor_and_keeps_the_rest():
     assert torch.equal(back.col_scale, grid.col_scale)
     plain = Grid(grid.scale, grid.zero, 3, 4).to("meta")
     assert plain.col_scale is None and plain.zero.device.type == "meta"
+
+
+def test_group_size_errors_name_the_layer_and_the_allowed_sizes():
+    from aespa.core.errors import UserError
+    from aespa.core.grid import check_group_size
+
+    with pytest.raises(UserError, match=r"^group_size=4 does not divide the input width 10 of layer; allowed: -1 "
+                                        r"\(per channel\) or a divisor of 10$"):
+        check_group_size(10, 4)
+    check_group_size(12, 4)
+    check_group_size(10, -1)

@@ -63,6 +63,7 @@ def test_save_writes_the_last_block_and_any_missing_one(tmp_path):
     adapter = ModelAdapter(random_model("opt", layers=3))
     method = get_method("rtn")(QuantSpec(bits=3))
     checkpoint = BlockCheckpoint(str(tmp_path), "run")
+    assert checkpoint.folder == os.path.join(str(tmp_path), "run")  # one folder per run id
     state = {"next_block": 2, "result": QuantizeResult({}, {}, [], 0.0), "q_in": torch.zeros(1, 2, 64), "fp_in": None,
              "kwargs": {}}
 
