@@ -924,5 +924,8 @@ def test_group_size_errors_name_the_layer_and_the_allowed_sizes():
     with pytest.raises(UserError, match=r"^group_size=4 does not divide the input width 10 of layer; allowed: -1 "
                                         r"\(per channel\) or a divisor of 10$"):
         check_group_size(10, 4)
+    with pytest.raises(UserError, match=r"^group_size=0 does not divide"):
+        check_group_size(10, 0)
     check_group_size(12, 4)
+    check_group_size(10, 1)  # a group per column divides any width
     check_group_size(10, -1)
