@@ -109,7 +109,8 @@ def report() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--module", nargs="*", default=[], help="only mutants of modules containing these strings")
-    parser.add_argument("--survivors", action="store_true", help="re-run the mutants that survived")
+    parser.add_argument("--survivors", action="store_true",
+                        help="re-run the mutants that survived (but those of the reviewed list)")
     parser.add_argument("--unchecked", action="store_true",
                         help="with --survivors: the mutants not checked yet too, in the same run")
     parser.add_argument("--report", action="store_true", help="print the table of the last run and exit")
@@ -124,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         want = {"survived", "timeout", "suspicious", "no tests"} if args.survivors else {"not checked"}
         if args.unchecked:
             want.add("not checked")
-        names = sorted(n for n, (s, status) in results().items()
-                       if status in want and (not args.module or any(m in n for m in args.module)))
+        reviewed = equivalent() | out_of_scope() if args.survivors else set()  # their verdict stands: not re-run
+        names = sorted(n for n, (s, status) in results().items() if status in want and n not in reviewed
+                       and (not args.module or any(m in n for m in args.module)))
         if not names:
             print("nothing to run")
             report()
