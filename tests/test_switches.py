@@ -505,6 +505,10 @@ def test_gptq_linear_hands_every_option_to_its_grid_search_and_sweep():
     for change in ({"sym": False}, {"act_order": False}, {"static_groups": False}, {"residual": None}):
         kw = {**sweep_kw, "sym": True, "residual": residual, **change}
         assert not torch.equal(plain.weight_q, gptq_sweep(w, h, None, bits=3, group_size=16, **kw).weight_q), change
+    # dynamic groups: the block size changes the grids (groups start inside a block of columns)
+    dynamic = quantize(QuantSpec(bits=3, group_size=16), {"blocksize": 8}, r=None)
+    assert torch.equal(dynamic.weight_q, gptq_sweep(w, h, None, bits=3, group_size=16, blocksize=8).weight_q)
+    assert not torch.equal(dynamic.weight_q, gptq_sweep(w, h, None, bits=3, group_size=16, blocksize=128).weight_q)
     # the search runs in the weight's dtype
     assert quantize(spec, {"qparam": "hessian"}).grid.scale.dtype == torch.float32
     assert quantize(spec, {"qparam": "hessian"}, w.double(), h.double(), residual.double()).grid.scale.dtype == \
