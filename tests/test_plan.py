@@ -17,7 +17,6 @@ MEASURED = [
     ("model=tiny-opt method=rtn bits=3 nsamples=64", "propagate"),
     ("model=tiny-llama method=gptq bits=3 nsamples=64", "propagate"),
     ("model=tiny-opt method=aespa bits=3 nsamples=32 method.iters=5 method.zfold_rounds=0", "method's own work"),
-    ("model=tiny-llama method=aespa bits=3 nsamples=32 method.iters=5 method.zfold_rounds=0", "observe a block"),
     # twins: other widths, depths and families than the embedded models
     (f"model=llama-3-8b {TWIN} model.twin_layers=2 model.twin_hidden=512 seqlen=256 nsamples=32 method=gptq bits=3",
      None),
