@@ -320,7 +320,8 @@ def grid(spec: dict, cells: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
 
 def legend(spec: dict) -> str:
     """What the cells mean, and where the paper numbers come from."""
-    sources = ", ".join(f"{s['csv']} ({', '.join(s.get('tables', ['all tables']))})" for s in spec.get("paper") or [])
+    sources = ", ".join(f"{s['csv']} ({s['paper'] + ': ' if 'paper' in s else ''}"
+                        f"{', '.join(s.get('tables', ['all tables']))})" for s in spec.get("paper") or [])
     metric = "/".join(sorted({m["metric"] for m in spec["measures"]}))
     text = (f"Cells: ours = mean over run records ({metric}; ± sample std, n = records when n > 1); "
             f"{MISSING} = not run yet. ")
