@@ -127,15 +127,9 @@ def model_shapes(model_path: str) -> tuple:
 
 def run_config(overrides: list[str]) -> dict:
     """One run (composed like ``run.py``); its record."""
-    from hydra import compose, initialize_config_dir
+    from experiments.runner import compose, run
 
-    from experiments.methods import load_methods
-    from experiments.runner import run
-
-    load_methods()  # a fresh process: the methods offered to Hydra as method=<name>
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    return run(cfg)
+    return run(compose(overrides))
 
 
 def run_isolated(overrides: list[str], threads: int | None = None) -> dict:
@@ -306,7 +300,7 @@ def main(argv=None) -> int:
 
 
 def bench(args) -> int:
-    from experiments.runner import in_repo, resolve_device
+    from experiments.runner import compose, in_repo, resolve_device
 
     model_file = os.path.join(CONF, "model", f"{args.model}.yaml")
     if not os.path.exists(model_file):
@@ -327,7 +321,7 @@ def bench(args) -> int:
         options.setdefault(name, []).append(f"method.{knob}")
     common = [f"model={args.model}", f"bits={args.bits}", f"device={args.device}", "progress=false", "resume=false",
               f"force={str(not args.reuse).lower()}", *args.overrides]
-    probe = _compose(common)
+    probe = compose(common)
     seqlen, nsamples = probe.seqlen or probe.model.seqlen, probe.nsamples
     geometry, layers, n_blocks = model_shapes(probe.model.path)
 
@@ -400,13 +394,6 @@ def time_ratios(rows: list[Row]) -> list[str]:
             kind = "projected" if r.record is None else "measured"
             lines.append(f"time aespa / BRECQ ({r.iters} iters, {kind}): {aespa.time_s / r.time_s:.3g}")
     return lines
-
-
-def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
 
 
 if __name__ == "__main__":

@@ -74,10 +74,10 @@ def one(overrides: list[str]) -> dict:
     from omegaconf import OmegaConf
 
     from experiments import plan as planning
-    from experiments.runner import run
+    from experiments.runner import compose, run
     from experiments.validation import check_method
 
-    cfg = planning.compose(overrides)
+    cfg = compose(overrides)
     record = run(cfg)
     predicted = None
     try:

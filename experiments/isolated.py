@@ -35,7 +35,10 @@ def run_isolated(fn: Callable, *args, threads: int | None = None):
             break
         except queue_module.Empty:
             if not proc.is_alive():
-                status, payload = "error", f"the worker process died (exit status {proc.exitcode})"
+                try:  # its result may have reached the queue as it exited
+                    status, payload = queue.get(timeout=1)
+                except queue_module.Empty:
+                    status, payload = "error", f"the worker process died (exit status {proc.exitcode})"
                 break
     proc.join()
     if status != "ok":

@@ -41,7 +41,6 @@ the growth of the process's resident memory over its level before quantization
 """
 from __future__ import annotations
 
-import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -52,7 +51,6 @@ from aespa.core.adapters import ModelAdapter
 from aespa.core.errors import UserError
 from aespa.core.method import Footprint, Method, activation_bytes, block_flops
 
-log = logging.getLogger(__name__)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 2**30
 # memory of the GPUs a researcher is likely to be given (GiB as the driver reports them, rounded)
@@ -354,7 +352,7 @@ def measure_quantization_peak(overrides: list[str]) -> dict:
     leave the resident set."""
     from aespa.core.pipeline import quantize_model
     from experiments.data import DataCache
-    from experiments.runner import DataSource, load
+    from experiments.runner import DataSource, compose, load
     from experiments.validation import in_repo, local_paths, validate
 
     cfg = compose(overrides)
@@ -407,30 +405,22 @@ def _size(name: str) -> float:
         return float(yaml.safe_load(f).get("size_b", 0))
 
 
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from experiments.methods import load_methods
-
-    load_methods()
-    with initialize_config_dir(config_dir=os.path.join(REPO, "conf"), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
-
-
 def table(methods: list[str], bits: int, dtype: torch.dtype = torch.float16) -> str:
     """A Markdown table: for every paper model and method, the plan of a GPU run in ``dtype``
     with the papers' calibration (128 x 2048): parameters, host RAM, the peak and its phase,
     the smallest GPU of :data:`GPUS` that holds it."""
+    from omegaconf import OmegaConf
+
     from experiments import validation
+    from experiments.runner import compose
 
     rows = ["| model | params (B) | host RAM (fp16) | method | device peak | at | smallest GPU that fits |",
             "| --- | --- | --- | --- | --- | --- | --- |"]
     for name in paper_models():
         for m in methods:
             cfg = compose([f"model={name}", f"method={m}", f"bits={bits}"])
-            method = validation.check_method(_plain_dict(cfg))
-            adapter = ModelAdapter(meta_model(model_architecture(_plain_dict(cfg.model))))
+            method = validation.check_method(OmegaConf.to_container(cfg, resolve=True))
+            adapter = ModelAdapter(meta_model(model_architecture(OmegaConf.to_container(cfg.model, resolve=True))))
             settings = Settings(cfg.nsamples, cfg.seqlen or cfg.model.seqlen, cfg.batch_size, dtype,
                                 eval_windows=_eval_windows(cfg, cfg.seqlen or cfg.model.seqlen))
             plan = make_plan(adapter, method, settings)
@@ -439,12 +429,6 @@ def table(methods: list[str], bits: int, dtype: torch.dtype = torch.float16) -> 
             rows.append(f"| {name} | {plan.shapes.params / 1e9:.2f} | {gib(plan.host_bytes)} | {m} | "
                         f"{gib(plan.peak)} | {plan.peak_phase} | {fits} |")
     return "\n".join(rows)
-
-
-def _plain_dict(cfg) -> dict:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def cli(argv: list[str] | None = None) -> int:

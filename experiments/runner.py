@@ -60,6 +60,19 @@ def validate_model(adapter: ModelAdapter, method: Method, seqlen: int) -> None:
 # --------------------------------------------------------------------------- loading
 
 
+def compose(overrides: list[str]):
+    """The run config ``run.py`` would compose from these command-line overrides (the
+    registered methods offered as ``method=<name>``), for scripts and tests."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from experiments.methods import load_methods
+
+    load_methods()
+    with initialize_config_dir(config_dir=os.path.join(REPO, "conf"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
 def load_model(path: str, dtype: torch.dtype) -> tuple:
     """The model and its tokenizer from a local folder or a hub id (``model.path``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

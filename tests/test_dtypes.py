@@ -3,8 +3,7 @@ block upcast to fp32 while it is quantized, the calibration streams and the eval
 model's dtype. Each method's perplexity in bf16 stays within 1 % of its fp32 perplexity."""
 import pytest
 
-from experiments.plan import compose
-from experiments.runner import run
+from experiments.runner import compose, run
 
 # small budgets: the comparison is between dtypes, not against the paper numbers
 # one method of each kind of path: round to nearest, a Hessian sweep (GPTQ; BoA's Kronecker rows),

@@ -7,8 +7,7 @@ import os
 import pytest
 
 from experiments import data
-from experiments.plan import compose
-from experiments.runner import run
+from experiments.runner import compose, run
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "hub")
 

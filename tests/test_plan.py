@@ -7,6 +7,7 @@ import torch
 
 from experiments import plan as planning
 from experiments.isolated import run_isolated
+from experiments.runner import compose
 
 # peaks measured in a fresh process; glibc hands freed tensors back at once above this size,
 # so the resident set follows the live tensors
@@ -42,7 +43,7 @@ def _plan(overrides: list[str], dtype=torch.float16) -> planning.Plan:
 
     from experiments import validation
 
-    cfg = planning.compose(overrides)
+    cfg = compose(overrides)
     method = validation.check_method(OmegaConf.to_container(cfg, resolve=True))
     adapter = planning.ModelAdapter(planning.meta_model(planning.model_architecture(
         OmegaConf.to_container(cfg.model, resolve=True))))
