@@ -124,11 +124,12 @@ def test_plan_bad_input_is_one_line(argv, message, capsys):
 @pytest.mark.slow
 def test_quantization_peak_is_flat_in_depth():
     """One block resident and the streams: four times the blocks, the same peak."""
-    base = (f"model=llama-2-7b {TWIN} model.twin_hidden=256 seqlen=256 nsamples=64 method=gptq bits=3 "
+    # wide blocks and short streams: one block's GPTQ state (a 2064-wide Hessian alone is 17 MB) is
+    # a large part of the peak; keeping it alive per block adds >50 MB to the deep run's 148 MB
+    base = (f"model=llama-2-7b {TWIN} model.twin_hidden=768 seqlen=128 nsamples=16 method=gptq bits=3 "
             "progress=false").split()
     shallow = run_isolated(planning.measure_quantization_peak, base + ["model.twin_layers=1"], threads=1)
     deep = run_isolated(planning.measure_quantization_peak, base + ["model.twin_layers=4"], threads=1)
     assert shallow["predicted"] == deep["predicted"]
-    # a leak of one block's worth per block would add three blocks' memory here; the resident set
-    # itself varies by a few MB from run to run
-    assert 0.75 < deep["measured"] / shallow["measured"] < 1.25, (shallow["measured"], deep["measured"])
+    # measured 148.0-148.2 MB for both depths (the resident set varies by well under 1 MB here)
+    assert 0.9 < deep["measured"] / shallow["measured"] < 1.1, (shallow["measured"], deep["measured"])
