@@ -4,6 +4,8 @@
     python -m experiments.bench_aespa --models tiny-opt --bits 3 --out results/bench
     python -m experiments.bench_aespa --models opt-125m --device cuda  # a paper model on a GPU
     python -m experiments.bench_aespa --iters 200                      # cheaper rounding
+    python -m experiments.bench_aespa --models opt-1.3b --twin-layers 1 4 --twin-hidden 512 --iters 20
+                                                                       # depth: twins of 1 and 4 blocks
 
 Phases (summed over blocks): ``statistics`` (one pass per block: E[XXᵀ], the
 attention-weighted value Hessian, query/key covariances), ``qparams`` (clipping search and
@@ -28,7 +30,11 @@ time ("% of floor": 100 % = nothing but the products, at the speed the BLAS give
   Kronecker q/k objectives, times steps and blocks.
 
 Calibration on the model's default set; nothing is evaluated or recorded. Peak host RSS is
-the benchmark process's (one process per configuration). Each configuration is composed
+the benchmark process's (one process per configuration); "quantization peak" is how far the
+resident set rose above its level before quantizing (the loaded model, the calibration ids):
+one block resident plus the calibration streams, so it stays flat as ``--twin-layers``
+(architecture twins, seeded random weights, ``model.twin=true``) adds depth. On CUDA it is
+the allocator's peak over its level before. Each configuration is composed
 by Hydra from ``conf/`` as ``run.py`` composes it; the command line is argparse because the
 benchmark loops over models and calibration sizes and prints one table.
 """
@@ -42,6 +48,7 @@ import time
 
 import torch
 
+from experiments.plan import status_kib
 from experiments.tables import markdown_table
 
 PHASES = ("statistics", "qparams", "optq_init", "rounding")
@@ -180,7 +187,8 @@ class SearchCounter:
 # --------------------------------------------------------------------------- one configuration
 
 
-def bench(model_name: str, nsamples: int, bits: int, iters: int, device: torch.device) -> dict:
+def bench(model_name: str, nsamples: int, bits: int, iters: int, device: torch.device,
+          extra: tuple[str, ...] = ()) -> dict:
     from hydra import compose, initialize_config_dir
 
     from aespa.core.observe import run_block
@@ -191,7 +199,7 @@ def bench(model_name: str, nsamples: int, bits: int, iters: int, device: torch.d
     load_methods()  # a fresh process: the methods offered to Hydra as method=<name>
     with initialize_config_dir(config_dir=os.path.join(REPO, "conf"), version_base="1.3"):
         overrides = [f"model={model_name}", "method=aespa", f"bits={bits}", f"nsamples={nsamples}",
-                     f"method.iters={iters}", "dtype=float32"]
+                     f"method.iters={iters}", "dtype=float32", *extra]
         cfg = compose(config_name="config", overrides=overrides)
     method = validate(cfg).method
     seed_everything(cfg.seed)
@@ -216,10 +224,22 @@ def bench(model_name: str, nsamples: int, bits: int, iters: int, device: torch.d
             module.to("cpu")
     del inputs
 
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        before = 1024 * status_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM from the current resident set on
     start = time.perf_counter()
     with SearchCounter() as searches:
         result = quantize_model(adapter, method, calibration, device, cfg.batch_size, progress=False)
     total = time.perf_counter() - start
+    if device.type == "cuda":
+        quantization_peak = torch.cuda.max_memory_allocated(device) - before
+    else:
+        quantization_peak = 1024 * status_kib("VmHWM") - before
     phases = {p: result.phases.get(p, 0.0) for p in PHASES}
 
     work = {}
@@ -238,17 +258,22 @@ def bench(model_name: str, nsamples: int, bits: int, iters: int, device: torch.d
         floor = flops / rate if rate == rate else float("nan")
         rows[phase] = {"seconds": phases[phase], "gflop": flops / 1e9, "rate": rate / 1e9,
                        "floor": floor, "share": 100 * floor / phases[phase] if phases[phase] else float("nan")}
-    return {"model": model_name, "nsamples": nsamples, "bits": bits, "iters": iters, "blocks": n_blocks,
+    label = model_name + (f" twin, {n_blocks} block{'s' if n_blocks > 1 else ''}" if cfg.model.get("twin") else "")
+    return {"model": label, "nsamples": nsamples, "bits": bits, "iters": iters, "blocks": n_blocks,
             "phases": rows, "total": total, "forward": forward_s, "searches": searches.searches,
             "rounding_ms_per_step": 1e3 * phases["rounding"] / max(1, n_blocks * iters),
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "quantization_peak": quantization_peak}
 
 
-def bench_isolated(model: str, nsamples: int, bits: int, iters: int, device, threads: int) -> dict:
+def bench_isolated(model: str, nsamples: int, bits: int, iters: int, device, threads: int,
+                   extra: tuple[str, ...] = ()) -> dict:
     """:func:`bench` in a fresh process (its own peak RSS and thread count)."""
     from experiments.isolated import run_isolated
 
-    return run_isolated(bench, model, nsamples, bits, iters, device, threads=threads)
+    # glibc hands freed tensors back at once above this size, so the resident set follows the live tensors
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    return run_isolated(bench, model, nsamples, bits, iters, device, tuple(extra), threads=threads)
 
 
 # --------------------------------------------------------------------------- report
@@ -268,11 +293,11 @@ def report(rows: list[dict], machine: str) -> str:
                          f"{p['rate']:.1f}", f"{p['floor']:.1f}", f"{p['share']:.0f} %"])
     lines += [markdown_table(header, body), ""]
     header = ["model", "windows", "total (s)", "qparams share", "rounding ms/step (block)",
-              "statistics / plain forward", "clipping searches", "peak host RSS (GiB)"]
+              "statistics / plain forward", "clipping searches", "peak host RSS (GiB)", "quantization peak (MiB)"]
     body = [[r["model"], r["nsamples"], f"{r['total']:.1f}",
              f"{100 * r['phases']['qparams']['seconds'] / r['total']:.1f} %", f"{r['rounding_ms_per_step']:.2f}",
              f"{r['phases']['statistics']['seconds'] / r['forward']:.2f}x ({r['forward']:.1f} s)",
-             r["searches"], f"{r['peak_rss'] / 2**30:.2f}"] for r in rows]
+             r["searches"], f"{r['peak_rss'] / 2**30:.2f}", f"{r['quantization_peak'] / 2**20:.0f}"] for r in rows]
     lines += [markdown_table(header, body)]
     return "\n".join(lines)
 
@@ -287,11 +312,20 @@ def main(argv=None) -> None:
     parser.add_argument("--iters", type=int, default=2000, help="AdaRound iterations per linear (default: the paper's)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads of each run")
+    parser.add_argument("--twin-layers", nargs="+", type=int, default=None,
+                        help="run the models as architecture twins (model.twin=true) of these depths")
+    parser.add_argument("--twin-hidden", type=int, default=None, help="the twins' width (default: the model's)")
+    parser.add_argument("--seqlen", type=int, default=None, help="calibration window length (default: the model's)")
     parser.add_argument("--out", default=None, help="also write the report to OUT/aespa_<models>_w<bits>.md")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
-    rows = [bench_isolated(m, n, args.bits, args.iters, device, args.threads)
-            for m in args.models for n in args.nsamples]
+    common = [] if args.seqlen is None else [f"seqlen={args.seqlen}"]
+    if args.twin_layers:  # twins read the project's tokenizer: calibrate on the embedded corpus
+        common += ["model.twin=true", "calib=wikivital", "eval.datasets=[wikivital]"]
+        common += [] if args.twin_hidden is None else [f"model.twin_hidden={args.twin_hidden}"]
+    variants = [[f"model.twin_layers={n}"] for n in args.twin_layers] if args.twin_layers else [[]]
+    rows = [bench_isolated(m, n, args.bits, args.iters, device, args.threads, tuple(common + v))
+            for m in args.models for n in args.nsamples for v in variants]
     if device.type == "cuda":
         machine = torch.cuda.get_device_name(device)
     else:
@@ -300,7 +334,8 @@ def main(argv=None) -> None:
     print(text)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, f"aespa_{'_'.join(args.models)}_w{args.bits}.md")
+        depth = f"_twins{'-'.join(map(str, args.twin_layers))}" if args.twin_layers else ""
+        path = os.path.join(args.out, f"aespa_{'_'.join(args.models)}{depth}_w{args.bits}.md")
         with open(path, "w") as f:
             f.write(text + "\n")
         print(f"written: {path}")

@@ -335,7 +335,8 @@ RESIDENT = ("block in fp32", "modules outside the blocks", "one block")  # alrea
 MEASURED_PHASES = ("capture", "observe a block", "method's own work", "propagate")
 
 
-def _status_kib(field: str) -> int:
+def status_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB (VmRSS, VmHWM, ...)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -367,7 +368,7 @@ def measure_quantization_peak(overrides: list[str]) -> dict:
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     else:
-        before = 1024 * _status_kib("VmRSS")
+        before = 1024 * status_kib("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current resident set
     quantize_model(adapter, checked.method, calibration, device, cfg.batch_size, checked.dtype, progress=False)
@@ -377,7 +378,7 @@ def measure_quantization_peak(overrides: list[str]) -> dict:
     if device.type == "cuda":
         measured = torch.cuda.max_memory_allocated(device) - before
     else:
-        measured = 1024 * _status_kib("VmHWM") - before
+        measured = 1024 * status_kib("VmHWM") - before
     phase = max(growth, key=growth.get)
     return {"predicted": growth[phase], "measured": measured, "peak_phase": phase, "terms": plan.phases[phase]}
 
