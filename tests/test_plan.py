@@ -131,5 +131,6 @@ def test_quantization_peak_is_flat_in_depth():
     shallow = run_isolated(planning.measure_quantization_peak, base + ["model.twin_layers=1"], threads=1)
     deep = run_isolated(planning.measure_quantization_peak, base + ["model.twin_layers=4"], threads=1)
     assert shallow["predicted"] == deep["predicted"]
-    # measured 148.0-148.2 MB for both depths (the resident set varies by well under 1 MB here)
+    # measured 147.7-148.2 MB for both depths, cold or warm data cache (the measurement caches the
+    # windows in another process first: tokenizing in-process let the first run reuse 29 MB)
     assert 0.9 < deep["measured"] / shallow["measured"] < 1.1, (shallow["measured"], deep["measured"])
