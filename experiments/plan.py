@@ -357,7 +357,7 @@ def measure_quantization_peak(overrides: list[str]) -> dict:
     # tokenizing a cold cache here would leave freed memory that quantization then reuses
     # (measured: 119 MB instead of 148 MB), so the windows are cached by another process first
     run_isolated(cache_calibration, overrides, threads=1)
-    cfg, checked, adapter, seqlen, calibration = _loaded(overrides)
+    cfg, checked, adapter, seqlen, calibration = load_for_quantization(overrides)
     plan = make_plan(adapter, checked.method, Settings(cfg.nsamples, seqlen, cfg.batch_size, checked.dtype))
     device = checked.device
     if device.type == "cuda":
@@ -382,10 +382,10 @@ def measure_quantization_peak(overrides: list[str]) -> dict:
 
 def cache_calibration(overrides: list[str]) -> None:
     """Tokenize a configuration's calibration windows into the data cache."""
-    _loaded(overrides)
+    load_for_quantization(overrides)
 
 
-def _loaded(overrides: list[str]) -> tuple:
+def load_for_quantization(overrides: list[str]) -> tuple:
     """The composed config, its checked form, the model's adapter, the window length and the
     calibration windows (tokenized into the data cache on the first call)."""
     from experiments.data import DataCache

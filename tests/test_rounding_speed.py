@@ -16,30 +16,18 @@ from aespa.core.pipeline import quantize_model
 from aespa.core.progress import ProgressLine
 from aespa.core.rounding import (
     RoundingProblem,
-    RoundingRegularizer,
     hard_quantized_weight,
     init_rounding,
     learn_rounding,
+    learn_rounding_autograd,
     quadratic_loss,
     soft_quantized_weight,
 )
 
 
 def autograd_rounding(p: RoundingProblem, iterations: int, lr: float, warmup: float = 0.2, beta=(20.0, 2.0)):
-    """The path the closed form replaces: autograd through the soft weight and the
-    regulariser, torch.optim.Adam on V (the project's learn_rounding before the closed form)."""
-    start = (p.weight if p.start is None else p.start).detach()
-    v = torch.nn.Parameter(init_rounding(start, p.grid))
-    optimizer = torch.optim.Adam([v], lr=lr)
-    regularizer = RoundingRegularizer(iterations, warmup, *beta)
-    with torch.enable_grad():
-        for step in range(iterations):
-            delta = soft_quantized_weight(start, p.grid, v) - p.weight
-            loss = quadratic_loss(delta, p.hessian, p.head_covariance) + p.round_weight * regularizer(step, v)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    return v.detach()
+    """The path the closed form replaces (the project's learn_rounding before the closed form)."""
+    return learn_rounding_autograd(p, iterations=iterations, lr=lr, warmup=warmup, beta=beta)
 
 
 def problems(dtype) -> list[RoundingProblem]:

@@ -35,8 +35,9 @@ step costs one product per objective (two for the Kronecker q/k objective: ``ΔW
     ∂/∂V = 2.4 (2 A ⊙ G ΔW H - λ β sign(y) |y|^(β-1)) ⊙ σ (1 - σ) ⊙ [|2.4σ - 1.2| ≤ 1]
 
 followed by Adam (``torch.optim.Adam``, fused). This is the same function and gradient as
-autograd through :func:`soft_quantized_weight` and :class:`RoundingRegularizer` (a test
-checks the rounding variables after many steps against that path).
+autograd through :func:`soft_quantized_weight` and :class:`RoundingRegularizer`
+(:func:`learn_rounding_autograd`; a test checks the rounding variables after many steps
+against it).
 
 All problems of one call (aespa: every linear of a block) are one flat set of variables:
 each elementwise operation runs once per step over all of them, and problems that share
@@ -311,3 +312,24 @@ def learn_rounding(problems: Sequence[RoundingProblem], *, iterations: int, lr: 
         loss = quadratic_loss(hard - p.weight, p.hessian, p.head_covariance).item()
         results.append(RoundingResult(hard, rounding, start_loss, loss))
     return results
+
+
+def learn_rounding_autograd(problem: RoundingProblem, *, iterations: int, lr: float, warmup: float = 0.2,
+                            beta: tuple[float, float] = (20.0, 2.0)) -> torch.Tensor:
+    """AdaRound by its definition, one problem alone: autograd through
+    :func:`soft_quantized_weight`, :func:`quadratic_loss` and :class:`RoundingRegularizer`,
+    ``torch.optim.Adam`` on V. Returns V. No method uses it: it is what :func:`learn_rounding`
+    is checked against (tests) and measured against (``experiments.rounding_noise``)."""
+    p = problem
+    start = (p.weight if p.start is None else p.start).detach()
+    v = torch.nn.Parameter(init_rounding(start, p.grid))
+    optimizer = torch.optim.Adam([v], lr=lr)
+    regularizer = RoundingRegularizer(iterations, warmup, *beta)
+    with torch.enable_grad():
+        for step in range(iterations):
+            delta = soft_quantized_weight(start, p.grid, v) - p.weight
+            loss = quadratic_loss(delta, p.hessian, p.head_covariance) + p.round_weight * regularizer(step, v)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return v.detach()
