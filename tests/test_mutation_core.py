@@ -144,10 +144,8 @@ def test_rounding_of_a_kronecker_problem_equals_autograd(per_head):
     warns: an error here)."""
     import warnings
 
-    from test_rounding_speed import autograd_rounding
-
     from aespa.core.grid import minmax_grid
-    from aespa.core.rounding import RoundingProblem, learn_rounding
+    from aespa.core.rounding import RoundingProblem, learn_rounding, learn_rounding_autograd
 
     g = torch.Generator().manual_seed(7)
     w = torch.randn(6, 5, generator=g, dtype=F64)
@@ -156,7 +154,24 @@ def test_rounding_of_a_kronecker_problem_equals_autograd(per_head):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         closed, = learn_rounding([p], iterations=40, lr=0.05)
-    torch.testing.assert_close(closed.v, autograd_rounding(p, 40, 0.05), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(closed.v, learn_rounding_autograd(p, iterations=40, lr=0.05), rtol=1e-9, atol=1e-9)
+
+
+def test_rounding_follows_the_given_regulariser_schedule_below_beta_one():
+    """A schedule other than the default (20 → 2), ending with β < 1 (|y|^(β−1) by pow), from a
+    start other than the weight, in closed form against autograd."""
+    from aespa.core.grid import minmax_grid
+    from aespa.core.rounding import RoundingProblem, learn_rounding, learn_rounding_autograd
+
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(6, 8, generator=g, dtype=F64)
+    start = w + 0.3 * torch.randn(w.shape, generator=g, dtype=F64)  # a GPTQ-like start, off the weight
+    p = RoundingProblem(w, minmax_grid(w, 2), spd(8, g), start=start, round_weight=0.3)
+    closed, = learn_rounding([p], iterations=60, lr=0.02, warmup=0.3, beta=(8.0, 0.5))
+    reference = learn_rounding_autograd(p, iterations=60, lr=0.02, warmup=0.3, beta=(8.0, 0.5))
+    torch.testing.assert_close(closed.v, reference, rtol=1e-9, atol=1e-9)
+    default, = learn_rounding([p], iterations=60, lr=0.02, warmup=0.3)
+    assert not torch.allclose(default.v, closed.v)
 
 
 def test_rounding_problems_share_a_product_only_when_they_share_the_objective(monkeypatch):
@@ -164,8 +179,6 @@ def test_rounding_problems_share_a_product_only_when_they_share_the_objective(mo
     (and head size) are stacked into one product; per-head Hessians never are. Each problem
     still gets what autograd gives it alone (no resized buffers: warnings are errors)."""
     import warnings
-
-    from test_rounding_speed import autograd_rounding
 
     from aespa.core import rounding
     from aespa.core.grid import minmax_grid
@@ -193,7 +206,7 @@ def test_rounding_problems_share_a_product_only_when_they_share_the_objective(mo
         results = rounding.learn_rounding(problems, iterations=30, lr=0.05)
     assert made == [2, 1, 1, 1, 2, 1]
     for p, r in zip(problems, results):
-        torch.testing.assert_close(r.v, autograd_rounding(p, 30, 0.05), rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(r.v, rounding.learn_rounding_autograd(p, iterations=30, lr=0.05), rtol=1e-9, atol=1e-9)
 
 
 # --------------------------------------------------------------------------- statistics: RoPE
@@ -317,9 +330,9 @@ def _permuted_solve(W, H, G, grid, D, col, row):
     from aespa.core.kronecker import kronecker_sweep
 
     heads, d_h = G.shape[:2]
-    cols = torch.argsort(H.diagonal(), descending=True) if col else torch.arange(H.shape[0])
-    rows = torch.cat([h * d_h + torch.argsort(G[h].diagonal(), descending=True) if row else h * d_h + torch.arange(d_h)
-                      for h in range(heads)])
+    cols = torch.argsort(H.diagonal(), descending=True, stable=True) if col else torch.arange(H.shape[0])
+    rows = torch.cat([h * d_h + torch.argsort(G[h].diagonal(), descending=True, stable=True) if row
+                      else h * d_h + torch.arange(d_h) for h in range(heads)])
     Gp = torch.stack([G[h][r][:, r] for h, r in enumerate(rows.view(heads, d_h) - torch.arange(heads)[:, None] * d_h)])
     res = kronecker_sweep(W[rows][:, cols], H[cols][:, cols], Gp, Grid(grid.scale[rows], grid.zero[rows], grid.bits),
                           rows=2, residual=None if D is None else D[cols][:, cols])
@@ -339,6 +352,23 @@ def test_kronecker_act_orders_are_the_solve_on_permuted_inputs(col, row, residua
     result = kronecker_sweep(W, H, G, grid, rows=2, residual=D, act_order_col=col, act_order_row=row)
     torch.testing.assert_close(result.weight_q, _permuted_solve(W, H, G, grid, D, col, row), rtol=0, atol=1e-12)
     assert not torch.allclose(result.weight_q, kronecker_sweep(W, H, G, grid, rows=2, residual=D).weight_q)
+
+
+def test_kronecker_act_orders_keep_tied_entries_in_their_order():
+    """Equal diagonal entries keep their original order (a stable sort: the same order on every
+    device; torch's unstable CPU sort reorders ties from 24 entries on)."""
+    from aespa.core.grid import minmax_grid
+    from aespa.core.kronecker import kronecker_sweep
+
+    W, H, G, _ = kron_problem(seed=16, d_h=24, d_in=32)
+    H, G = H.clone(), G.clone()
+    tied = torch.arange(0, 32, 3)
+    H[tied, tied] = H.diagonal()[tied].max()  # raising diagonal entries keeps H positive definite
+    for h in range(G.shape[0]):
+        G[h, tied[:8], tied[:8]] = G[h].diagonal()[tied[:8]].max()
+    grid = minmax_grid(W, 2)
+    result = kronecker_sweep(W, H, G, grid, rows=2, act_order_col=True, act_order_row=True)
+    torch.testing.assert_close(result.weight_q, _permuted_solve(W, H, G, grid, None, True, True), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("residual", [False, True])

@@ -25,11 +25,6 @@ from aespa.core.rounding import (
 )
 
 
-def autograd_rounding(p: RoundingProblem, iterations: int, lr: float, warmup: float = 0.2, beta=(20.0, 2.0)):
-    """The path the closed form replaces (the project's learn_rounding before the closed form)."""
-    return learn_rounding_autograd(p, iterations=iterations, lr=lr, warmup=warmup, beta=beta)
-
-
 def problems(dtype) -> list[RoundingProblem]:
     """A block in miniature: q and k (Kronecker, one shared input Hessian: stacked into one
     product), v (a Hessian per head), o (plain); GPTQ-like starts off the grid's range."""
@@ -60,7 +55,7 @@ def test_closed_form_rounding_equals_autograd(dtype, tolerance):
     ps = problems(dtype)
     results = learn_rounding(ps, iterations=120, lr=0.015)
     for p, result in zip(ps, results):
-        reference = autograd_rounding(p, 120, 0.015)
+        reference = learn_rounding_autograd(p, iterations=120, lr=0.015)
         torch.testing.assert_close(result.v, reference, rtol=0, atol=tolerance)
         start = p.weight if p.start is None else p.start
         assert torch.equal(result.weight, hard_quantized_weight(start, p.grid, reference))
