@@ -48,7 +48,7 @@ import time
 
 import torch
 
-from experiments.plan import status_kib
+from experiments.plan import MemoryGrowth
 from experiments.tables import markdown_table
 
 PHASES = ("statistics", "qparams", "optq_init", "rounding")
@@ -224,22 +224,12 @@ def bench(model_name: str, nsamples: int, bits: int, iters: int, device: torch.d
             module.to("cpu")
     del inputs
 
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        before = 1024 * status_kib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM from the current resident set on
-    start = time.perf_counter()
-    with SearchCounter() as searches:
-        result = quantize_model(adapter, method, calibration, device, cfg.batch_size, progress=False)
-    total = time.perf_counter() - start
-    if device.type == "cuda":
-        quantization_peak = torch.cuda.max_memory_allocated(device) - before
-    else:
-        quantization_peak = 1024 * status_kib("VmHWM") - before
+    with MemoryGrowth(device) as memory:
+        start = time.perf_counter()
+        with SearchCounter() as searches:
+            result = quantize_model(adapter, method, calibration, device, cfg.batch_size, progress=False)
+        total = time.perf_counter() - start
+    quantization_peak = memory.growth
     phases = {p: result.phases.get(p, 0.0) for p in PHASES}
 
     work = {}

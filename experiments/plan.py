@@ -344,6 +344,31 @@ def status_kib(field: str) -> int:
     raise OSError(f"{field} not in /proc/self/status")
 
 
+class MemoryGrowth:
+    """How far memory rises above its level at entry, as ``growth`` (bytes) after exit: on
+    CUDA the allocator's peak, on a CPU the resident set's peak (``VmHWM``, reset at entry)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.growth = device, 0
+
+    def __enter__(self) -> MemoryGrowth:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.before = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.before = 1024 * status_kib("VmRSS")
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current resident set
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.growth = torch.cuda.max_memory_allocated(self.device) - self.before
+        else:
+            self.growth = 1024 * status_kib("VmHWM") - self.before
+
+
 def measure_quantization_peak(overrides: list[str]) -> dict:
     """Quantize one configuration (composed like ``run.py``) and return the plan's predicted
     growth of memory during quantization next to the measured one: on a CPU the resident
@@ -360,24 +385,13 @@ def measure_quantization_peak(overrides: list[str]) -> dict:
     cfg, checked, adapter, seqlen, calibration = load_for_quantization(overrides)
     plan = make_plan(adapter, checked.method, Settings(cfg.nsamples, seqlen, cfg.batch_size, checked.dtype))
     device = checked.device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        before = 1024 * status_kib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident set
-    quantize_model(adapter, checked.method, calibration, device, cfg.batch_size, checked.dtype, progress=False)
+    with MemoryGrowth(device) as memory:
+        quantize_model(adapter, checked.method, calibration, device, cfg.batch_size, checked.dtype, progress=False)
     resident = device.type == "cpu" and checked.dtype == torch.float32
     growth = {p: sum(v for k, v in plan.phases[p].items() if not (resident and k in RESIDENT))
               for p in MEASURED_PHASES}
-    if device.type == "cuda":
-        measured = torch.cuda.max_memory_allocated(device) - before
-    else:
-        measured = 1024 * status_kib("VmHWM") - before
     phase = max(growth, key=growth.get)
-    return {"predicted": growth[phase], "measured": measured, "peak_phase": phase, "terms": plan.phases[phase]}
+    return {"predicted": growth[phase], "measured": memory.growth, "peak_phase": phase, "terms": plan.phases[phase]}
 
 
 def cache_calibration(overrides: list[str]) -> None:
