@@ -378,6 +378,7 @@ def measure_quantization_peak(overrides: list[str]) -> dict:
     leave the resident set."""
     from aespa.core.pipeline import quantize_model
     from experiments.isolated import run_isolated
+    from experiments.runner import load_for_quantization
 
     # tokenizing a cold cache here would leave freed memory that quantization then reuses
     # (measured: 119 MB instead of 148 MB), so the windows are cached by another process first
@@ -396,21 +397,9 @@ def measure_quantization_peak(overrides: list[str]) -> dict:
 
 def cache_calibration(overrides: list[str]) -> None:
     """Tokenize a configuration's calibration windows into the data cache."""
+    from experiments.runner import load_for_quantization
+
     load_for_quantization(overrides)
-
-
-def load_for_quantization(overrides: list[str]) -> tuple:
-    """The composed config, its checked form, the model's adapter, the window length and the
-    calibration windows (tokenized into the data cache on the first call)."""
-    from experiments.data import DataCache
-    from experiments.runner import DataSource, compose, load
-    from experiments.validation import in_repo, local_paths, validate
-
-    cfg = compose(overrides)
-    checked = validate(cfg)
-    model, tokenizer, adapter, seqlen = load(cfg, checked.method, checked.dtype)
-    data = DataSource(DataCache(in_repo(cfg.cache_dir)), local_paths(cfg), tokenizer, seqlen)
-    return cfg, checked, adapter, seqlen, data.calibration(cfg.calib.dataset, cfg.nsamples, cfg.seed)
 
 
 # --------------------------------------------------------------------------- every paper model

@@ -22,6 +22,7 @@ the noise of the optimisation in fp32, not a different algorithm. One thread; ti
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from unittest import mock
@@ -29,6 +30,7 @@ from unittest import mock
 import torch
 
 import aespa.method
+from aespa.core.errors import UserError
 from aespa.core.rounding import RoundingProblem, learn_rounding, learn_rounding_autograd
 
 
@@ -37,11 +39,15 @@ class _Captured(Exception):
 
 
 def first_block_problems(overrides: list[str]) -> tuple[list[RoundingProblem], dict]:
-    """The rounding problems aespa builds for block 1, and its learn_rounding arguments."""
+    """The rounding problems aespa builds for block 1, and its learn_rounding arguments: the
+    pipeline runs as in a run until aespa hands them to ``learn_rounding``, which is replaced
+    here by a function that keeps them and stops the run."""
     from aespa.core.pipeline import quantize_model
-    from experiments.plan import load_for_quantization
+    from experiments.runner import load_for_quantization
 
     cfg, checked, adapter, _, calibration = load_for_quantization(["method=aespa", *overrides, "progress=false"])
+    if not checked.method.options.learn_rounding:
+        raise UserError("method.learn_rounding=false: aespa learns no rounding, nothing to compare")
     seen = {}
 
     def capture(problems, **kwargs):
@@ -58,8 +64,8 @@ def first_block_problems(overrides: list[str]) -> tuple[list[RoundingProblem], d
 
 
 def perturbed(p: RoundingProblem) -> RoundingProblem:
-    return RoundingProblem(p.weight, p.grid, p.hessian * (1 + 2.0**-23), p.head_covariance, p.start, p.round_weight,
-                           p.name)
+    """The problem with its input Hessian scaled by 1 + 2⁻²³."""
+    return dataclasses.replace(p, hessian=p.hessian * (1 + 2.0**-23))
 
 
 def flips(a: list[torch.Tensor], b: list[torch.Tensor]) -> int:
@@ -73,8 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     overrides = ["model=tiny-llama", "bits=2", *args.overrides]
+    if args.iters < 1:
+        print(f"error: --iters={args.iters}: at least 1 rounding step", file=sys.stderr)
+        return 2
     print(f"capturing block 1's rounding problems ({' '.join(overrides)}) ...", flush=True)
-    problems, kwargs = first_block_problems(overrides)
+    try:
+        problems, kwargs = first_block_problems(overrides)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     kw = dict(iterations=args.iters, lr=kwargs["lr"], warmup=kwargs["warmup"], beta=kwargs["beta"])
     shifted = [perturbed(p) for p in problems]
     runs = {}

@@ -62,15 +62,22 @@ def validate_model(adapter: ModelAdapter, method: Method, seqlen: int) -> None:
 
 def compose(overrides: list[str]):
     """The run config ``run.py`` would compose from these command-line overrides (the
-    registered methods offered as ``method=<name>``), for scripts and tests."""
+    registered methods offered as ``method=<name>``), for scripts and tests; an override Hydra
+    refuses is a UserError of one line."""
+    import hydra
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from omegaconf.errors import OmegaConfBaseException
 
     from experiments.methods import load_methods
 
     load_methods()
-    with initialize_config_dir(config_dir=os.path.join(REPO, "conf"), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+    try:
+        with initialize_config_dir(config_dir=os.path.join(REPO, "conf"), version_base="1.3"):
+            return hydra_compose(config_name="config", overrides=list(overrides))
+    except (hydra.errors.HydraException, OmegaConfBaseException) as e:  # a script's bad override: one line
+        lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+        raise UserError("; ".join(lines[:2]) or type(e).__name__) from None
 
 
 def load_model(path: str, dtype: torch.dtype) -> tuple:
@@ -221,6 +228,17 @@ class DataSource:
 
     def test(self, dataset: str) -> torch.Tensor:
         return evaluation_windows(dataset, self.tokenizer, self.seqlen, self.cache, self.paths)
+
+
+def load_for_quantization(overrides: list[str]) -> tuple:
+    """For scripts that quantize outside a run (the plan's memory check, benchmarks): the config
+    composed from ``overrides`` as ``run.py`` composes it, its checked form, the model's adapter,
+    the window length and the calibration windows (tokenized into the data cache if not there)."""
+    cfg = compose(overrides)
+    checked = validate(cfg)
+    model, tokenizer, adapter, seqlen = load(cfg, checked.method, checked.dtype)
+    data = DataSource(DataCache(in_repo(cfg.cache_dir)), local_paths(cfg), tokenizer, seqlen)
+    return cfg, checked, adapter, seqlen, data.calibration(cfg.calib.dataset, cfg.nsamples, cfg.seed)
 
 
 def prepare_evaluation(cfg, data: DataSource) -> tuple[dict, object]:

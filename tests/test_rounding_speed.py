@@ -133,3 +133,32 @@ def test_long_loops_write_one_log_line_each(method, options, phase, caplog):
         layers = [m for m in lines if " · rounding · " in m and ": loss " in m and "rounded" in m]
         assert len(layers) == 6, lines  # q k v o up down
         assert any("Z-Fold" in m for m in lines)
+
+
+# --------------------------------------------------------------------------- experiments.rounding_noise
+
+
+def test_rounding_noise_compares_the_paths_on_a_real_block(capsys):
+    """aespa's own block-1 problems of tiny-llama: after a few steps the closed form and
+    autograd still round every weight alike, and so does each with the Hessians 1 ulp apart."""
+    from experiments import rounding_noise
+
+    assert rounding_noise.main(["nsamples=4", "--iters", "5"]) == 0
+    out = capsys.readouterr().out
+    n = 2 * 256 * 256 + 2 * 64 * 256 + 3 * 256 * 704  # q, o; k, v (2 of 8 heads: GQA); the MLP of tiny-llama
+    assert f"of {n}:" in out
+    assert "| closed form vs autograd | 0 | 0.000 % |" in out
+    assert "| autograd vs autograd, H·(1+2⁻²³) | 0 | 0.000 % |" in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["model=nope"], "Could not find 'model/nope'"),
+    (["--iters", "0"], "--iters=0: at least 1 rounding step"),
+    (["method.learn_rounding=false", "nsamples=4"], "method.learn_rounding=false: aespa learns no rounding"),
+])
+def test_rounding_noise_bad_input_is_one_line(argv, message, capsys):
+    from experiments import rounding_noise
+
+    assert rounding_noise.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
